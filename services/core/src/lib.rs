@@ -1,0 +1,22 @@
+//! sieve's shared runtime. Every service is an [`runner::Operator`] (or an HTTP front end)
+//! on top of these pieces; the `sieve` binary, the tests and the benchmarks drive the same code.
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod bloom;
+pub mod changelog;
+pub mod config;
+pub mod dlq;
+pub mod error;
+pub mod failpoint;
+pub mod jsonfile;
+pub mod jsonkey;
+pub mod kafka;
+pub mod record;
+pub mod runner;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+pub mod topics;
+
+pub use error::{CoreError, Result};

@@ -1,0 +1,776 @@
+//! The partition-aware consume → process → produce loop, exactly-once without broker
+//! transactions.
+//!
+//! Per batch and input partition:
+//! 1. the operator turns each input record into outputs and state changes; every output
+//!    carries the deterministic id `topic/partition/offset/n` (see [`crate::record`]);
+//! 2. outputs are produced and the loop waits until the broker acknowledged all of them;
+//! 3. one RocksDB write batch stores the state changes, the next input offset and, per output
+//!    partition, the position after the highest acknowledged output;
+//! 4. the same changes and meta go to the changelog topic, and the offset is committed to the
+//!    consumer group (for lag tools; the store is the source of truth).
+//!
+//! A crash between 2 and 3 leaves outputs on the broker that the store does not know about.
+//! On the next open the partition is not marked clean, so the runner reads every output
+//! partition from the stored positions to its end, collects the ids this input partition
+//! already wrote, and while re-processing produces only the missing ones.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::executor::block_on;
+use futures::future::join_all;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::changelog;
+use crate::config::{Guarantee, ServiceArgs};
+use crate::error::{CoreError, Result};
+use crate::failpoint;
+use crate::kafka::Clients;
+use crate::record::{Output, OutputId, ID_HEADER};
+use crate::store::{Changes, PartitionMeta, PartitionStore};
+use crate::telemetry::{names, Health};
+
+/// Business logic of one input partition. Must be deterministic: the same record and state
+/// give the same outputs in the same order, which is what makes re-processing safe.
+pub trait Operator: Send {
+    fn process(&mut self, record: &OwnedMessage, ctx: &mut Ctx<'_>) -> Result<()>;
+
+    /// Called once per batch before its commit, and with `closing` when the partition is
+    /// revoked or the process stops: the place to write caches such as Bloom snapshots.
+    /// Must not emit outputs.
+    fn flush(&mut self, _ctx: &mut Ctx<'_>, _closing: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Creates one operator per assigned input partition and declares the topics it uses.
+pub trait OperatorFactory: Send + 'static {
+    type Op: Operator;
+    /// Topics consumed by the group.
+    fn inputs(&self) -> Vec<String>;
+    /// Every topic the operator may emit to; recovery scans their tails.
+    fn outputs(&self) -> Vec<String>;
+    /// Opens the operator of one partition, after its state was restored.
+    fn open(&self, topic: &str, partition: i32, store: &PartitionStore) -> Result<Self::Op>;
+}
+
+/// What an operator sees while processing one record: its partition's state (with the
+/// batch's own writes visible) and a place to put outputs.
+pub struct Ctx<'a> {
+    store: &'a PartitionStore,
+    changes: &'a mut Changes,
+    outputs: &'a mut Vec<Output>,
+}
+
+impl Ctx<'_> {
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.store.get(self.changes, cf, key)
+    }
+    pub fn put(&mut self, cf: &str, key: &[u8], value: &[u8]) {
+        self.changes.put(cf, key, value)
+    }
+    pub fn delete(&mut self, cf: &str, key: &[u8]) {
+        self.changes.delete(cf, key)
+    }
+    pub fn drop_bucket(&mut self, bucket: &str) {
+        self.changes.drop_bucket(bucket)
+    }
+    /// A write to local-only storage, committed with the batch, never in the changelog.
+    pub fn put_local(&mut self, key: &[u8], value: Vec<u8>) {
+        self.changes.put_local(key, value)
+    }
+    pub fn store(&self) -> &PartitionStore {
+        self.store
+    }
+    pub fn emit(&mut self, output: Output) {
+        self.outputs.push(output)
+    }
+}
+
+/// One assigned input partition.
+struct Partition<O> {
+    store: PartitionStore,
+    op: O,
+    meta: PartitionMeta,
+    changes: Changes,
+    /// Outputs found by the recovery scan, as (input offset, output index).
+    already_written: HashSet<(i64, u32)>,
+    already_written_max: i64,
+    /// Changelog writes of the last committed batch, awaited with the next batch.
+    pending_changelog: Vec<DeliveryFuture>,
+    /// Highest acknowledged offset per output partition in the current batch.
+    acked: BTreeMap<String, i64>,
+}
+
+type Tp = (String, i32);
+
+fn tp_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+struct Engine<F: OperatorFactory> {
+    factory: F,
+    producer: FutureProducer,
+    reader: BaseConsumer,
+    group: String,
+    state_dir: PathBuf,
+    guarantee: Guarantee,
+    output_tps: Vec<Tp>,
+    partitions: HashMap<Tp, Partition<F::Op>>,
+    health: Arc<Health>,
+    /// An error raised inside a rebalance callback, returned by the loop.
+    fatal: Option<CoreError>,
+}
+
+struct RunnerContext<F: OperatorFactory> {
+    engine: Arc<Mutex<Engine<F>>>,
+}
+
+fn lock<F: OperatorFactory>(m: &Mutex<Engine<F>>) -> MutexGuard<'_, Engine<F>> {
+    // A panic while holding the lock leaves the engine mid-batch; its state on disk is still
+    // consistent (commits are atomic), so continuing to shut down is safe.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<F: OperatorFactory> ClientContext for RunnerContext<F> {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (p, s) in &t.partitions {
+                if *p >= 0 && s.desired && s.consumer_lag >= 0 {
+                    metrics::gauge!(names::CONSUMER_LAG, "topic" => topic.clone(), "partition" => p.to_string())
+                        .set(s.consumer_lag as f64);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        metrics::counter!(names::ERRORS, "kind" => "kafka_client").increment(1);
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl<F: OperatorFactory> ConsumerContext for RunnerContext<F> {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let mut engine = lock(&self.engine);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let tps: Vec<Tp> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                match engine.open_partitions(&tps) {
+                    Ok(starts) => {
+                        for ((t, p), off) in starts {
+                            if let Some(off) = off {
+                                let _ = tpl.set_partition_offset(&t, p, Offset::Offset(off));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "opening assigned partitions failed");
+                        engine.fatal.get_or_insert(e);
+                    }
+                }
+                let res = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = res {
+                    engine.fatal.get_or_insert(CoreError::kafka("assign", e));
+                }
+                metrics::gauge!(names::ASSIGNED_PARTITIONS).set(engine.partitions.len() as f64);
+                engine.health.set_joined(true);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let lost = consumer.assignment_lost();
+                let tps: Vec<Tp> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                let commits = engine.close_partitions(&tps, !lost);
+                match commits {
+                    Ok(c) if !lost && c.count() > 0 => {
+                        if let Err(e) = consumer.commit(&c, CommitMode::Sync) {
+                            tracing::warn!(error = %e, "offset commit on revoke failed");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        engine.fatal.get_or_insert(e);
+                    }
+                }
+                let res = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+                metrics::gauge!(names::ASSIGNED_PARTITIONS).set(engine.partitions.len() as f64);
+            }
+            other => {
+                metrics::counter!(names::ERRORS, "kind" => "rebalance").increment(1);
+                tracing::error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl<F: OperatorFactory> Engine<F> {
+    fn store_path(&self, topic: &str, partition: i32) -> PathBuf {
+        self.state_dir
+            .join(&self.group)
+            .join(format!("{topic}-{partition}"))
+    }
+
+    fn exactly_once(&self) -> bool {
+        self.guarantee == Guarantee::ExactlyOnce
+    }
+
+    /// Opens, restores and recovers newly assigned partitions; returns where each starts.
+    fn open_partitions(&mut self, tps: &[Tp]) -> Result<Vec<(Tp, Option<i64>)>> {
+        let mut opened = Vec::new();
+        for tp in tps {
+            if self.partitions.contains_key(tp) {
+                continue;
+            }
+            self.health.restore_started();
+            let res = self.open_partition(&tp.0, tp.1);
+            self.health.restore_finished();
+            let part = res?;
+            self.partitions.insert(tp.clone(), part);
+            opened.push(tp.clone());
+        }
+        if self.exactly_once() {
+            self.recover(&opened)?;
+        }
+        Ok(tps
+            .iter()
+            .map(|tp| {
+                let start = self
+                    .partitions
+                    .get(tp)
+                    .map(|p| p.meta.next_offset)
+                    .filter(|o| *o >= 0);
+                (tp.clone(), start)
+            })
+            .collect())
+    }
+
+    fn open_partition(&mut self, topic: &str, partition: i32) -> Result<Partition<F::Op>> {
+        let started = Instant::now();
+        let path = self.store_path(topic, partition);
+        let cl_topic = changelog::topic_name(&self.group, topic);
+        let (_, cl_end) = self
+            .reader
+            .fetch_watermarks(&cl_topic, partition, Duration::from_secs(10))
+            .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{partition}"), e))?;
+        let mut store = PartitionStore::open(&path)?;
+        let local = store.meta()?;
+        // The local store is a cache: rebuild it when it is missing or another instance
+        // advanced the partition since this store was last written.
+        let rebuild = match &local {
+            None => cl_end > 0,
+            Some(l) if cl_end > l.changelog_pos => {
+                changelog::last_meta(&self.reader, &cl_topic, partition, l.changelog_pos, cl_end)?
+                    .is_some_and(|m| m.next_offset > l.next_offset)
+            }
+            Some(_) => false,
+        };
+        if rebuild {
+            drop(store);
+            PartitionStore::destroy(&path)?;
+            store = PartitionStore::open(&path)?;
+            let (records, _) = changelog::restore(
+                &self.reader,
+                &mut store,
+                &cl_topic,
+                partition,
+                cl_end,
+                |n| metrics::counter!(names::RESTORE_RECORDS).increment(n),
+            )?;
+            tracing::info!(topic, partition, records, elapsed_ms = started.elapsed().as_millis() as u64, "state restored from changelog");
+        }
+        let mut meta = store.meta()?.unwrap_or(PartitionMeta {
+            next_offset: -1,
+            clean: true,
+            ..Default::default()
+        });
+        meta.changelog_pos = meta.changelog_pos.max(cl_end);
+        let op = self.factory.open(topic, partition, &store)?;
+        metrics::gauge!(names::STATE_BYTES, "topic" => topic.to_string(), "partition" => partition.to_string())
+            .set(store.approximate_bytes() as f64);
+        tracing::info!(topic, partition, next_offset = meta.next_offset, clean = meta.clean, rebuilt = rebuild, "partition opened");
+        Ok(Partition {
+            store,
+            op,
+            meta,
+            changes: Changes::default(),
+            already_written: HashSet::new(),
+            already_written_max: -1,
+            pending_changelog: Vec::new(),
+            acked: BTreeMap::new(),
+        })
+    }
+
+    /// Finds outputs written by the opened partitions after their last commit, then records
+    /// scan positions (durably, in the store and the changelog) before any new output.
+    fn recover(&mut self, opened: &[Tp]) -> Result<()> {
+        if opened.is_empty() {
+            return Ok(());
+        }
+        let mut ends = BTreeMap::new();
+        for (t, p) in &self.output_tps {
+            let (low, high) = self
+                .reader
+                .fetch_watermarks(t, *p, Duration::from_secs(10))
+                .map_err(|e| CoreError::kafka(format!("watermarks of {t}/{p}"), e))?;
+            ends.insert(tp_key(t, *p), (t.clone(), *p, low, high));
+        }
+        let dirty: Vec<&Tp> = opened
+            .iter()
+            .filter(|tp| self.partitions.get(*tp).is_some_and(|p| !p.meta.clean))
+            .collect();
+        if !dirty.is_empty() {
+            let started = Instant::now();
+            let mut scanned = 0u64;
+            for (key, (t, p, low, high)) in &ends {
+                // One read per output partition serves every dirty input partition.
+                let from = dirty
+                    .iter()
+                    .filter_map(|tp| self.partitions.get(*tp))
+                    .map(|part| part.meta.out_pos.get(key).copied().unwrap_or(*low))
+                    .min()
+                    .unwrap_or(*high)
+                    .max(*low);
+                let parts = &mut self.partitions;
+                changelog::read_range(&self.reader, t, *p, from, *high, Duration::from_secs(30), |m| {
+                    scanned += 1;
+                    if let Some(id) = OutputId::of(m) {
+                        if let Some(part) = parts.get_mut(&(id.topic.clone(), id.partition)) {
+                            let start = part.meta.out_pos.get(key).copied().unwrap_or(*low);
+                            if !part.meta.clean && m.offset() >= start && id.offset >= part.meta.next_offset {
+                                part.already_written.insert((id.offset, id.index));
+                                part.already_written_max = part.already_written_max.max(id.offset);
+                            }
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            metrics::counter!(names::RECOVERY_SCANNED).increment(scanned);
+            let found: usize = dirty
+                .iter()
+                .filter_map(|tp| self.partitions.get(*tp))
+                .map(|p| p.already_written.len())
+                .sum();
+            tracing::info!(partitions = dirty.len(), scanned, found, elapsed_ms = started.elapsed().as_millis() as u64, "recovery scan done");
+        }
+        // Record scan positions for every output partition. Positions only move forward once
+        // the outputs found by the scan have been re-encountered, so a second crash before
+        // that still finds them.
+        let mut pending = Vec::new();
+        for tp in opened {
+            let Some(part) = self.partitions.get_mut(tp) else { continue };
+            for (key, (_, _, low, high)) in &ends {
+                if part.already_written.is_empty() || !part.meta.out_pos.contains_key(key) {
+                    let pos = if part.already_written.is_empty() { *high } else { *low };
+                    part.meta.out_pos.insert(key.clone(), pos);
+                }
+            }
+            part.meta.clean = false;
+            part.store.commit(&Changes::default(), &part.meta)?;
+            let cl_topic = changelog::topic_name(&self.group, &tp.0);
+            let entries = changelog::encode(&Changes::default(), &part.meta)?;
+            for (k, v) in entries {
+                pending.push(send_changelog(&self.producer, &cl_topic, tp.1, &k, v.as_deref())?);
+            }
+        }
+        for r in block_on(join_all(pending)) {
+            delivered(r)?;
+        }
+        Ok(())
+    }
+
+    /// Finishes revoked partitions: waits for their changelog, marks them clean, returns the
+    /// offsets to commit. `graceful` is false when the assignment was lost to another member.
+    fn close_partitions(&mut self, tps: &[Tp], graceful: bool) -> Result<TopicPartitionList> {
+        let mut commits = TopicPartitionList::new();
+        for tp in tps {
+            let Some(mut part) = self.partitions.remove(tp) else { continue };
+            if !graceful {
+                tracing::warn!(topic = tp.0, partition = tp.1, "partition lost: closing without commit");
+                continue;
+            }
+            let mut last = None;
+            for r in block_on(join_all(part.pending_changelog.drain(..))) {
+                last = Some(delivered(r)?);
+            }
+            if let Some((_, off)) = last {
+                part.meta.changelog_pos = off + 1;
+            }
+            flush_operator(&mut part, true)?;
+            // Outputs found by a recovery scan but not re-encountered yet keep the partition
+            // dirty, so the next owner scans for them again.
+            part.meta.clean = part.already_written.is_empty();
+            part.store.commit(&part.changes, &part.meta)?;
+            if self.exactly_once() {
+                let cl_topic = changelog::topic_name(&self.group, &tp.0);
+                let mut pending = Vec::new();
+                for (k, v) in changelog::encode(&part.changes, &part.meta)? {
+                    pending.push(send_changelog(&self.producer, &cl_topic, tp.1, &k, v.as_deref())?);
+                }
+                for r in block_on(join_all(pending)) {
+                    let (_, off) = delivered(r)?;
+                    part.meta.changelog_pos = off + 1;
+                }
+                part.store.commit(&Changes::default(), &part.meta)?;
+            }
+            part.changes.clear();
+            part.store.flush()?;
+            if part.meta.next_offset >= 0 {
+                commits
+                    .add_partition_offset(&tp.0, tp.1, Offset::Offset(part.meta.next_offset))
+                    .map_err(|e| CoreError::kafka("commit list", e))?;
+            }
+            tracing::info!(topic = tp.0, partition = tp.1, next_offset = part.meta.next_offset, "partition closed");
+        }
+        Ok(commits)
+    }
+
+    /// Processes one batch to completion; returns the offsets to commit to the group.
+    fn process_batch(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<TopicPartitionList> {
+        let started = Instant::now();
+        let mut futures: Vec<((Tp, String), DeliveryFuture)> = Vec::with_capacity(batch.len());
+        let mut touched: Vec<Tp> = Vec::new();
+        let mut outputs = Vec::new();
+        let mut in_counts: HashMap<String, u64> = HashMap::new();
+        let (mut skipped_processed, mut skipped_written) = (0u64, 0u64);
+        for msg in batch.drain(..) {
+            let tp = (msg.topic().to_string(), msg.partition());
+            let Some(part) = self.partitions.get_mut(&tp) else { continue };
+            if part.meta.next_offset >= 0 && msg.offset() < part.meta.next_offset {
+                skipped_processed += 1;
+                continue;
+            }
+            *in_counts.entry(tp.0.clone()).or_default() += 1;
+            let mut ctx = Ctx {
+                store: &part.store,
+                changes: &mut part.changes,
+                outputs: &mut outputs,
+            };
+            part.op.process(&msg, &mut ctx)?;
+            for (i, out) in outputs.drain(..).enumerate() {
+                let index = i as u32;
+                if part.already_written.remove(&(msg.offset(), index)) {
+                    skipped_written += 1;
+                    continue;
+                }
+                let id = OutputId {
+                    topic: tp.0.clone(),
+                    partition: tp.1,
+                    offset: msg.offset(),
+                    index,
+                };
+                let fut = send_output(&self.producer, &out, &id)?;
+                futures.push(((tp.clone(), out.topic), fut));
+            }
+            part.meta.next_offset = msg.offset() + 1;
+            if touched.last() != Some(&tp) && !touched.contains(&tp) {
+                touched.push(tp);
+            }
+        }
+        failpoint::hit("after_produce");
+        // Wait for every output, and for the changelog of the partitions' previous batch.
+        let mut out_counts: HashMap<String, u64> = HashMap::new();
+        let (dests, futs): (Vec<(Tp, String)>, Vec<DeliveryFuture>) = futures.into_iter().unzip();
+        let results = block_on(join_all(futs));
+        for ((tp, out_topic), r) in dests.into_iter().zip(results) {
+            let (out_partition, out_offset) = delivered(r)?;
+            if let Some(part) = self.partitions.get_mut(&tp) {
+                let e = part.acked.entry(tp_key(&out_topic, out_partition)).or_insert(-1);
+                *e = (*e).max(out_offset);
+            }
+            *out_counts.entry(out_topic).or_default() += 1;
+        }
+        for tp in &touched {
+            if let Some(part) = self.partitions.get_mut(tp) {
+                let mut last = None;
+                for r in block_on(join_all(part.pending_changelog.drain(..))) {
+                    last = Some(delivered(r)?);
+                }
+                if let Some((_, off)) = last {
+                    part.meta.changelog_pos = off + 1;
+                }
+            }
+        }
+        failpoint::hit("after_outputs_acked");
+        let mut commits = TopicPartitionList::new();
+        let exactly_once = self.exactly_once();
+        for tp in &touched {
+            let Some(part) = self.partitions.get_mut(tp) else { continue };
+            if !part.already_written.is_empty() && part.already_written_max < part.meta.next_offset {
+                // Every input whose outputs the scan found has been re-processed.
+                part.already_written.clear();
+            }
+            flush_operator(part, false)?;
+            let acked = std::mem::take(&mut part.acked);
+            if part.already_written.is_empty() {
+                for (k, off) in acked {
+                    part.meta.out_pos.insert(k, off + 1);
+                }
+            }
+            part.store.commit(&part.changes, &part.meta)?;
+            failpoint::hit("after_state_committed");
+            if exactly_once || !part.changes.is_empty() {
+                let cl_topic = changelog::topic_name(&self.group, &tp.0);
+                for (k, v) in changelog::encode(&part.changes, &part.meta)? {
+                    part.pending_changelog
+                        .push(send_changelog(&self.producer, &cl_topic, tp.1, &k, v.as_deref())?);
+                }
+            }
+            part.changes.clear();
+            commits
+                .add_partition_offset(&tp.0, tp.1, Offset::Offset(part.meta.next_offset))
+                .map_err(|e| CoreError::kafka("commit list", e))?;
+        }
+        for (t, n) in in_counts {
+            metrics::counter!(names::RECORDS_IN, "topic" => t).increment(n);
+        }
+        for (t, n) in out_counts {
+            metrics::counter!(names::RECORDS_OUT, "topic" => t).increment(n);
+        }
+        if skipped_processed > 0 {
+            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_processed").increment(skipped_processed);
+        }
+        if skipped_written > 0 {
+            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_written").increment(skipped_written);
+        }
+        metrics::histogram!(names::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(commits)
+    }
+
+    fn update_state_gauges(&self) {
+        for ((t, p), part) in &self.partitions {
+            metrics::gauge!(names::STATE_BYTES, "topic" => t.clone(), "partition" => p.to_string())
+                .set(part.store.approximate_bytes() as f64);
+        }
+    }
+}
+
+/// Lets the operator write its caches into the partition's pending changes.
+fn flush_operator<O: Operator>(part: &mut Partition<O>, closing: bool) -> Result<()> {
+    let mut outputs = Vec::new();
+    let mut ctx = Ctx {
+        store: &part.store,
+        changes: &mut part.changes,
+        outputs: &mut outputs,
+    };
+    part.op.flush(&mut ctx, closing)?;
+    if outputs.is_empty() {
+        Ok(())
+    } else {
+        Err(CoreError::Operator("flush emitted outputs; only process may".into()))
+    }
+}
+
+fn headers_with_id(out: &Output, id: &str) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(out.headers.len() + 1);
+    for (k, v) in &out.headers {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    h.insert(Header {
+        key: ID_HEADER,
+        value: Some(id),
+    })
+}
+
+/// Queues a record, waiting while librdkafka's queue is full (backpressure, not an error).
+fn enqueue(producer: &FutureProducer, mut rec: FutureRecord<'_, [u8], [u8]>) -> Result<DeliveryFuture> {
+    loop {
+        match producer.send_result(rec) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, r)) => return Err(CoreError::kafka(format!("produce to {}", r.topic), e)),
+        }
+    }
+}
+
+fn send_output(producer: &FutureProducer, out: &Output, id: &OutputId) -> Result<DeliveryFuture> {
+    let mut rec = FutureRecord::<[u8], [u8]>::to(&out.topic).headers(headers_with_id(out, &id.encode()));
+    if let Some(k) = &out.key {
+        rec = rec.key(k.as_slice());
+    }
+    if let Some(v) = &out.payload {
+        rec = rec.payload(v.as_slice());
+    }
+    if let Some(p) = out.partition {
+        rec = rec.partition(p);
+    }
+    enqueue(producer, rec)
+}
+
+fn send_changelog(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<DeliveryFuture> {
+    let mut rec = FutureRecord::<[u8], [u8]>::to(topic).key(key).partition(partition);
+    if let Some(v) = value {
+        rec = rec.payload(v);
+    }
+    enqueue(producer, rec)
+}
+
+type DeliveryOutcome = std::result::Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    futures::channel::oneshot::Canceled,
+>;
+
+/// Partition and offset of an acknowledged record; a failed delivery is fatal for the batch.
+fn delivered(r: DeliveryOutcome) -> Result<(i32, i64)> {
+    match r {
+        Ok(Ok(d)) => Ok((d.partition, d.offset)),
+        Ok(Err((e, m))) => {
+            metrics::counter!(names::ERRORS, "kind" => "produce").increment(1);
+            Err(CoreError::kafka(format!("deliver to {}", m.topic()), e))
+        }
+        Err(_) => Err(CoreError::kafka("deliver", KafkaError::Canceled)),
+    }
+}
+
+/// Runs `factory`'s operator over its input topics until `shutdown` is set, then commits
+/// what was processed and closes every partition.
+pub fn run<F: OperatorFactory>(
+    factory: F,
+    clients: &Clients,
+    args: &ServiceArgs,
+    health: Arc<Health>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<()> {
+    clients.check_reachable()?;
+    let reader = clients.reader()?;
+    let inputs = factory.inputs();
+    let mut output_tps = Vec::new();
+    for t in factory.outputs() {
+        for p in 0..clients.partition_count(&reader, &t)? {
+            output_tps.push((t.clone(), p));
+        }
+    }
+    for t in &inputs {
+        let n = clients.partition_count(&reader, t)?;
+        let cl = changelog::topic_name(&args.group, t);
+        block_on(clients.ensure_topic(&cl, n, &[("cleanup.policy", "compact"), ("retention.ms", "-1")]))?;
+    }
+    let engine = Arc::new(Mutex::new(Engine {
+        factory,
+        producer: clients.producer()?,
+        reader,
+        group: args.group.clone(),
+        state_dir: args.state_dir.clone(),
+        guarantee: args.guarantee,
+        output_tps,
+        partitions: HashMap::new(),
+        health: health.clone(),
+        fatal: None,
+    }));
+    let consumer = clients.consumer(&args.group, RunnerContext { engine: engine.clone() })?;
+    let topics: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| CoreError::kafka("subscribe", e))?;
+    health.set_live(true);
+    metrics::gauge!(names::PAUSED_PARTITIONS).set(0.0);
+    metrics::gauge!(names::ASSIGNED_PARTITIONS).set(0.0);
+    tracing::info!(group = args.group, inputs = ?inputs, guarantee = ?args.guarantee, "processing");
+
+    let linger = Duration::from_millis(args.batch_linger_ms);
+    let mut batch: Vec<OwnedMessage> = Vec::with_capacity(args.batch_records);
+    let mut last_gauges = Instant::now();
+    let result = loop {
+        if shutdown.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        let deadline = Instant::now() + linger;
+        while batch.len() < args.batch_records {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match consumer.poll(left) {
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(e)) => {
+                    metrics::counter!(names::ERRORS, "kind" => "consume").increment(1);
+                    tracing::warn!(error = %e, "consume error");
+                }
+                None => break,
+            }
+        }
+        let mut engine = lock(&engine);
+        if let Some(e) = engine.fatal.take() {
+            break Err(e);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let commits = match engine.process_batch(&mut batch) {
+            Ok(c) => c,
+            Err(e) => break Err(e),
+        };
+        if last_gauges.elapsed() > Duration::from_secs(5) {
+            engine.update_state_gauges();
+            last_gauges = Instant::now();
+        }
+        drop(engine);
+        if commits.count() > 0 {
+            if let Err(e) = consumer.commit(&commits, CommitMode::Async) {
+                tracing::debug!(error = %e, "async offset commit failed; the next one supersedes it");
+            }
+        }
+    };
+    health.set_live(false);
+    // Graceful: close every partition (changelog flushed, clean meta), commit, leave the group.
+    let tps: Vec<Tp> = lock(&engine).partitions.keys().cloned().collect();
+    let closed = lock(&engine).close_partitions(&tps, result.is_ok());
+    if let Ok(c) = &closed {
+        if c.count() > 0 {
+            if let Err(e) = consumer.commit(c, CommitMode::Sync) {
+                tracing::warn!(error = %e, "final offset commit failed");
+            }
+        }
+    }
+    drop(consumer);
+    tracing::info!("stopped");
+    result.and(closed.map(|_| ()))
+}

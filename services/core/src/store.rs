@@ -1,0 +1,347 @@
+//! RocksDB state of one input partition: point reads and writes, prefix scans, time buckets
+//! that are dropped whole, and the partition's progress (`PartitionMeta`) written in the same
+//! atomic batch as the state it describes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+
+/// Column family of the operator's main state.
+pub const DEFAULT_CF: &str = "default";
+/// Column family of sieve's bookkeeping; never part of the changelog.
+const META_CF: &str = "sieve.meta";
+/// Column family of local caches (Bloom snapshots…): committed atomically with the state but
+/// never sent to the changelog, because they can be rebuilt from the state.
+pub const LOCAL_CF: &str = "sieve.local";
+const META_KEY: &[u8] = b"meta";
+const BUCKET_PREFIX: &str = "bucket.";
+
+/// Where processing of one input partition stands. Stored atomically with the state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMeta {
+    /// The next input offset to process.
+    pub next_offset: i64,
+    /// Per output partition (`topic/partition`), the offset from which a recovery scan must
+    /// look for outputs of this input partition that were written but not yet recorded here.
+    pub out_pos: BTreeMap<String, i64>,
+    /// Changelog offset up to which this store reflects the changelog.
+    pub changelog_pos: i64,
+    /// True when the partition was closed cleanly: nothing can be in flight.
+    pub clean: bool,
+    /// Buckets whose drop was decided; dropped again at open if a crash interrupted it.
+    #[serde(default)]
+    pub drop_pending: Vec<String>,
+}
+
+/// The net write set of one batch, with read-your-writes through `PartitionStore::get`.
+#[derive(Debug, Default)]
+pub struct Changes {
+    writes: BTreeMap<(String, Vec<u8>), Option<Vec<u8>>>,
+    drops: BTreeSet<String>,
+    local: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Changes {
+    pub fn put(&mut self, cf: &str, key: &[u8], value: &[u8]) {
+        self.writes
+            .insert((cf.to_string(), key.to_vec()), Some(value.to_vec()));
+    }
+
+    /// A local-only write (see [`LOCAL_CF`]).
+    pub fn put_local(&mut self, key: &[u8], value: Vec<u8>) {
+        self.local.insert(key.to_vec(), value);
+    }
+
+    pub fn delete(&mut self, cf: &str, key: &[u8]) {
+        self.writes.insert((cf.to_string(), key.to_vec()), None);
+    }
+
+    /// Drops a whole bucket, including writes to it earlier in this batch.
+    pub fn drop_bucket(&mut self, bucket: &str) {
+        let cf = bucket_cf(bucket);
+        self.writes.retain(|(c, _), _| c != &cf);
+        self.drops.insert(cf);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.drops.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.writes.len() + self.drops.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.writes.clear();
+        self.drops.clear();
+        self.local.clear();
+    }
+
+    pub(crate) fn writes(&self) -> impl Iterator<Item = (&str, &[u8], Option<&[u8]>)> {
+        self.writes
+            .iter()
+            .map(|((cf, k), v)| (cf.as_str(), k.as_slice(), v.as_deref()))
+    }
+
+    pub(crate) fn drops(&self) -> impl Iterator<Item = &str> {
+        self.drops.iter().map(String::as_str)
+    }
+
+    fn lookup(&self, cf: &str, key: &[u8]) -> Option<Option<&[u8]>> {
+        if self.drops.contains(cf) {
+            return Some(None);
+        }
+        // BTreeMap lookup with a borrowed tuple key needs an owned key; batches are small.
+        self.writes
+            .get(&(cf.to_string(), key.to_vec()))
+            .map(|v| v.as_deref())
+    }
+}
+
+/// Column family name of a time bucket.
+pub fn bucket_cf(bucket: &str) -> String {
+    format!("{BUCKET_PREFIX}{bucket}")
+}
+
+pub struct PartitionStore {
+    db: DB,
+    path: PathBuf,
+}
+
+impl PartitionStore {
+    /// Opens (or creates) the store at `path` with every column family it already has.
+    pub fn open(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Bounded memory per partition store: a few small memtables, shared nothing else.
+        opts.set_write_buffer_size(8 << 20);
+        opts.set_max_write_buffer_number(2);
+        let mut cfs: BTreeSet<String> = DB::list_cf(&opts, path)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        cfs.insert(DEFAULT_CF.to_string());
+        cfs.insert(META_CF.to_string());
+        cfs.insert(LOCAL_CF.to_string());
+        let descs = cfs
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, opts.clone()));
+        let db = DB::open_cf_descriptors(&opts, path, descs).map_err(|e| store_err(path, e))?;
+        let mut store = PartitionStore {
+            db,
+            path: path.to_path_buf(),
+        };
+        if let Some(meta) = store.meta()? {
+            for cf in &meta.drop_pending {
+                store.drop_cf_if_exists(cf)?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// Deletes the store at `path` completely (used before a full restore).
+    pub fn destroy(path: &Path) -> Result<()> {
+        if path.exists() {
+            std::fs::remove_dir_all(path)?;
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: rocksdb::Error) -> CoreError {
+        store_err(&self.path, e)
+    }
+
+    pub fn meta(&self) -> Result<Option<PartitionMeta>> {
+        let cf = self.cf(META_CF)?;
+        match self.db.get_cf(cf, META_KEY).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| CoreError::Corrupt(format!("{}: meta: {e}", self.path.display()))),
+        }
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| CoreError::Corrupt(format!("{}: missing column family {name}", self.path.display())))
+    }
+
+    /// Reads a value, seeing `pending` writes of the current batch first.
+    pub fn get(&self, pending: &Changes, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = pending.lookup(cf, key) {
+            return Ok(v.map(<[u8]>::to_vec));
+        }
+        match self.db.cf_handle(cf) {
+            None => Ok(None),
+            Some(h) => self.db.get_cf(h, key).map_err(|e| self.err(e)),
+        }
+    }
+
+    /// A local-only value (see [`LOCAL_CF`]).
+    pub fn get_local(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(LOCAL_CF)?, key).map_err(|e| self.err(e))
+    }
+
+    /// Visits committed entries whose key starts with `prefix`, in key order, without
+    /// collecting them. Does not see the current batch's writes.
+    pub fn for_each_prefix(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let Some(h) = self.db.cf_handle(cf) else {
+            return Ok(());
+        };
+        for item in self.db.prefix_iterator_cf(h, prefix) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
+    /// Committed entries whose key starts with `prefix`, in key order (small ranges only).
+    pub fn scan_prefix(&self, cf: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        self.for_each_prefix(cf, prefix, |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Names of the time buckets that exist, oldest name first.
+    pub fn buckets(&self) -> Vec<String> {
+        let opts = Options::default();
+        let mut names: Vec<String> = DB::list_cf(&opts, &self.path)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|n| n.strip_prefix(BUCKET_PREFIX).map(str::to_string))
+            .filter(|n| self.db.cf_handle(&bucket_cf(n)).is_some())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Applies one batch's changes and the new meta atomically, then drops whole buckets.
+    pub fn commit(&mut self, changes: &Changes, meta: &PartitionMeta) -> Result<()> {
+        let mut meta = meta.clone();
+        meta.drop_pending = changes.drops().map(str::to_string).collect();
+        for (cf, _, _) in changes.writes() {
+            if self.db.cf_handle(cf).is_none() {
+                self.db
+                    .create_cf(cf, &Options::default())
+                    .map_err(|e| store_err(&self.path, e))?;
+            }
+        }
+        let mut batch = WriteBatch::default();
+        for (cf, k, v) in changes.writes() {
+            let h = self.cf(cf)?;
+            match v {
+                Some(v) => batch.put_cf(h, k, v),
+                None => batch.delete_cf(h, k),
+            }
+        }
+        for (k, v) in &changes.local {
+            batch.put_cf(self.cf(LOCAL_CF)?, k, v);
+        }
+        let meta_bytes =
+            serde_json::to_vec(&meta).map_err(|e| CoreError::Corrupt(format!("encode meta: {e}")))?;
+        batch.put_cf(self.cf(META_CF)?, META_KEY, meta_bytes);
+        self.db.write(batch).map_err(|e| self.err(e))?;
+        for cf in &meta.drop_pending {
+            self.drop_cf_if_exists(cf)?;
+        }
+        Ok(())
+    }
+
+    fn drop_cf_if_exists(&mut self, cf: &str) -> Result<()> {
+        if self.db.cf_handle(cf).is_some() {
+            self.db.drop_cf(cf).map_err(|e| store_err(&self.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Estimated live bytes of the state, for the state-size gauge.
+    pub fn approximate_bytes(&self) -> u64 {
+        self.db
+            .property_int_value("rocksdb.estimate-live-data-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// Flushes memtables so a clean close leaves nothing to replay from the WAL.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map_err(|e| self.err(e))
+    }
+}
+
+fn store_err(path: &Path, e: rocksdb::Error) -> CoreError {
+    CoreError::Store {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_reads_its_own_writes_and_commits_atomically_with_meta() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = PartitionStore::open(dir.path()).unwrap();
+        let mut c = Changes::default();
+        c.put(DEFAULT_CF, b"a", b"1");
+        assert_eq!(s.get(&c, DEFAULT_CF, b"a").unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(s.get(&Changes::default(), DEFAULT_CF, b"a").unwrap(), None);
+        let meta = PartitionMeta {
+            next_offset: 7,
+            ..Default::default()
+        };
+        s.commit(&c, &meta).unwrap();
+        drop(s);
+        let s = PartitionStore::open(dir.path()).unwrap();
+        assert_eq!(s.meta().unwrap().unwrap().next_offset, 7);
+        assert_eq!(
+            s.get(&Changes::default(), DEFAULT_CF, b"a").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+    }
+
+    #[test]
+    fn buckets_are_created_on_write_and_dropped_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = PartitionStore::open(dir.path()).unwrap();
+        let mut c = Changes::default();
+        c.put(&bucket_cf("0001"), b"k1", b"v");
+        c.put(&bucket_cf("0002"), b"k2", b"v");
+        s.commit(&c, &PartitionMeta::default()).unwrap();
+        assert_eq!(s.buckets(), vec!["0001", "0002"]);
+        let mut c = Changes::default();
+        c.drop_bucket("0001");
+        assert_eq!(s.get(&c, &bucket_cf("0001"), b"k1").unwrap(), None);
+        s.commit(&c, &PartitionMeta::default()).unwrap();
+        assert_eq!(s.buckets(), vec!["0002"]);
+        drop(s);
+        let s = PartitionStore::open(dir.path()).unwrap();
+        assert_eq!(s.buckets(), vec!["0002"]);
+        assert_eq!(s.scan_prefix(&bucket_cf("0002"), b"k").unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,213 @@
+//! Logs, metrics and the health server every long-running process exposes.
+//!
+//! All metric names live in [`names`], described once in [`describe`], so dashboards and
+//! alerts have one list to follow.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use crate::config::LogFormat;
+use crate::error::{CoreError, Result};
+
+/// Every metric sieve's runtime emits.
+pub mod names {
+    pub const RECORDS_IN: &str = "sieve_records_in_total";
+    pub const RECORDS_OUT: &str = "sieve_records_out_total";
+    pub const RECORDS_SKIPPED: &str = "sieve_records_skipped_total";
+    pub const BATCH_SECONDS: &str = "sieve_batch_seconds";
+    pub const CONSUMER_LAG: &str = "sieve_consumer_lag";
+    pub const PAUSED_PARTITIONS: &str = "sieve_paused_partitions";
+    pub const ASSIGNED_PARTITIONS: &str = "sieve_assigned_partitions";
+    pub const STATE_BYTES: &str = "sieve_state_bytes";
+    pub const RESTORE_RECORDS: &str = "sieve_restore_records_total";
+    pub const RESTORE_IN_PROGRESS: &str = "sieve_restore_in_progress";
+    pub const RECOVERY_SCANNED: &str = "sieve_recovery_scanned_total";
+    pub const ERRORS: &str = "sieve_errors_total";
+    pub const READY: &str = "sieve_ready";
+    pub const BLOOM_FP_RATE: &str = "sieve_bloom_false_positive_rate";
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use names::*;
+    describe_counter!(RECORDS_IN, "Input records taken into processing, by topic.");
+    describe_counter!(RECORDS_OUT, "Output records acknowledged by the broker, by topic.");
+    describe_counter!(
+        RECORDS_SKIPPED,
+        "Records not processed or not produced again: already_processed (input before the stored offset), already_written (output found in the recovery scan)."
+    );
+    describe_histogram!(BATCH_SECONDS, Unit::Seconds, "Time from the start of a batch's processing to its commit.");
+    describe_gauge!(CONSUMER_LAG, "Records between the consumer position and the end of the partition.");
+    describe_gauge!(PAUSED_PARTITIONS, "Input partitions currently paused by backpressure or priority.");
+    describe_gauge!(ASSIGNED_PARTITIONS, "Input partitions assigned to this process.");
+    describe_gauge!(STATE_BYTES, Unit::Bytes, "Estimated live bytes of local state, by partition.");
+    describe_counter!(RESTORE_RECORDS, "Changelog records read while restoring state.");
+    describe_gauge!(RESTORE_IN_PROGRESS, "Partitions whose state is being restored (not ready while > 0).");
+    describe_counter!(RECOVERY_SCANNED, "Output records read by recovery scans after an unclean stop.");
+    describe_counter!(ERRORS, "Errors by kind.");
+    describe_gauge!(READY, "1 when every assigned partition is restored and processing.");
+    describe_gauge!(BLOOM_FP_RATE, "Observed Bloom filter false-positive rate (maybe answers that the store refuted).");
+}
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn metrics() -> Result<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+        )
+        .map_err(|e| CoreError::Config(format!("metrics buckets: {e}")))?
+        .install_recorder()
+        .map_err(|e| CoreError::Config(format!("metrics recorder: {e}")))?;
+    describe();
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Structured logs on stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logs(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests, `sieve all`) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Liveness and readiness of a process, shared by its workers and its health server.
+#[derive(Debug, Default)]
+pub struct Health {
+    live: AtomicBool,
+    joined: AtomicBool,
+    restoring: AtomicUsize,
+}
+
+impl Health {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Health::default())
+    }
+
+    pub fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::SeqCst);
+        self.publish();
+    }
+
+    pub fn set_joined(&self, joined: bool) {
+        self.joined.store(joined, Ordering::SeqCst);
+        self.publish();
+    }
+
+    pub fn restore_started(&self) {
+        self.restoring.fetch_add(1, Ordering::SeqCst);
+        self.publish();
+    }
+
+    pub fn restore_finished(&self) {
+        self.restoring.fetch_sub(1, Ordering::SeqCst);
+        self.publish();
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.is_live()
+            && self.joined.load(Ordering::SeqCst)
+            && self.restoring.load(Ordering::SeqCst) == 0
+    }
+
+    fn publish(&self) {
+        metrics::gauge!(names::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
+        metrics::gauge!(names::RESTORE_IN_PROGRESS).set(self.restoring.load(Ordering::SeqCst) as f64);
+    }
+}
+
+#[derive(Clone)]
+struct ServerState {
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+}
+
+/// `/metrics`, `/healthz` and `/readyz` on `addr`, plus any extra routes of the service.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    extra: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let state = ServerState {
+        health,
+        metrics: metrics()?,
+    };
+    let app = Router::new()
+        .route("/metrics", get(|State(s): State<ServerState>| async move { s.metrics.render() }))
+        .route(
+            "/healthz",
+            get(|State(s): State<ServerState>| async move {
+                if s.health.is_live() {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not live")
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(|State(s): State<ServerState>| async move {
+                if s.health.is_ready() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .with_state(state)
+        .merge(extra);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| CoreError::Config(format!("cannot listen on {addr}: {e}")))?;
+    tracing::info!(%addr, "health and metrics server listening");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, "health server stopped");
+        }
+    }))
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes; 0 where /proc is unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    proc_status_kb("VmHWM:") * 1024
+}
+
+/// Current resident memory of this process (VmRSS), in bytes.
+pub fn rss_bytes() -> u64 {
+    proc_status_kb("VmRSS:") * 1024
+}
+
+fn proc_status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,4 @@
+//! Parts of the `sieve` binary that tests and benchmarks reuse.
+
+pub mod ctl;
+pub mod gen;

@@ -1,0 +1,204 @@
+//! `sieve`: every service of the pipeline and the operator's tool, in one binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sieve::ctl;
+use sieve::gen::{EventSpec, UsersSpec};
+use sieve_core::config::{KafkaArgs, LogFormat, ServiceArgs};
+use sieve_dedup::DedupArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "sieve", version, about = "Kafka-native ingest, dedup, anti-join and notification fan-out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Drop retries by idempotency key inside a TTL window, exactly once.
+    Dedup {
+        #[command(flatten)]
+        dedup: DedupArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Anti-join: left records whose key has no match on the right.
+    Antijoin {
+        #[command(subcommand)]
+        command: AntijoinCmd,
+    },
+    /// Operate a sieve deployment: topics, generators.
+    Ctl {
+        #[command(subcommand)]
+        command: Ctl,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AntijoinCmd {
+    /// Over files: streaming, multi-core, memory independent of the left input's size.
+    Files(sieve_antijoin::files::FilesArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum Ctl {
+    /// Topics from the declarative topics file.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCmd,
+    },
+    /// Deterministic data for demos, tests and benchmarks.
+    Gen {
+        #[command(subcommand)]
+        command: GenCmd,
+    },
+    /// Per partition: committed offset of a group, end offset, lag; and the total.
+    Lag {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        topic: String,
+        /// Print only the total lag (for scripts).
+        #[arg(long)]
+        total: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsCmd {
+    /// Create missing topics; report drift (partitions, configs) of existing ones.
+    Apply {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long, default_value = "deploy/topics.toml")]
+        file: PathBuf,
+        /// Prefix every topic name (isolated test or tenant sets).
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Show what would change without creating anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Number of records in a topic (from end and start offsets).
+    Count {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long)]
+        topic: String,
+        /// Read the topic and count distinct keys instead (holds the keys in memory).
+        #[arg(long)]
+        distinct_keys: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GenCmd {
+    /// Events with client retries and idempotency conflicts.
+    Events {
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        #[arg(long, default_value_t = 0.2)]
+        retry_rate: f64,
+        #[arg(long, default_value_t = 0.01)]
+        conflict_rate: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Produce to this topic (key and `idempotency-key` header = event id) instead of
+        /// printing NDJSON.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Print only how many events are new, retries and conflicts.
+        #[arg(long)]
+        summary: bool,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+    /// Legacy and current user exports with a hot `guest` key (the anti-join's inputs).
+    Users {
+        /// Which side to write.
+        #[arg(long, value_parser = ["legacy", "current"])]
+        side: String,
+        #[arg(long, default_value_t = 100_000)]
+        legacy: u64,
+        /// Distinct ids on the legacy side.
+        #[arg(long, default_value_t = 80_000)]
+        ids: u64,
+        #[arg(long, default_value_t = 0.05)]
+        guest_share: f64,
+        #[arg(long, default_value_t = 0.1)]
+        current_share: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// One JSON array instead of NDJSON.
+        #[arg(long)]
+        array: bool,
+        /// Output file (default stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = match &cli.command {
+        Command::Dedup { service, .. } => service.log_format,
+        Command::Ctl { .. } | Command::Antijoin { .. } => LogFormat::Text,
+    };
+    sieve_core::telemetry::init_logs(format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dedup { dedup, kafka, service } => {
+            sieve_dedup::run(&kafka, &service, dedup)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Antijoin { command: AntijoinCmd::Files(args) } => {
+            let summary = sieve_antijoin::files::run(&args)?;
+            summary.print(&mut std::io::stderr())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ctl { command } => match command {
+            Ctl::Topics { command: TopicsCmd::Apply { kafka, file, prefix, dry_run } } => {
+                ctl::topics_apply(kafka, &file, &prefix, dry_run)
+            }
+            Ctl::Topics { command: TopicsCmd::Count { kafka, topic, distinct_keys } } => {
+                ctl::count(kafka, &topic, distinct_keys)
+            }
+            Ctl::Lag { kafka, group, topic, total } => ctl::lag(kafka, &group, &topic, total),
+            Ctl::Gen { command: GenCmd::Events { count, retry_rate, conflict_rate, seed, topic, summary, kafka } } => {
+                let spec = EventSpec {
+                    count,
+                    retry_rate,
+                    conflict_rate,
+                    seed,
+                    ..Default::default()
+                };
+                return match (topic, summary) {
+                    (_, true) => ctl::summarise_events(spec),
+                    (Some(t), false) => ctl::produce_events(kafka, &t, spec),
+                    (None, false) => ctl::print_events(spec),
+                };
+            }
+            Ctl::Gen { command: GenCmd::Users { side, legacy, ids, guest_share, current_share, seed, array, out } } => {
+                let spec = UsersSpec { legacy, ids, guest_share, current_share, seed };
+                ctl::write_users(&spec, side == "legacy", array, out.as_deref())
+            }
+        },
+    }
+}
+

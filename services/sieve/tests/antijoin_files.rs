@@ -1,0 +1,138 @@
+//! `sieve antijoin files` end to end: the real binary on generated inputs with a known
+//! answer, JSON arrays and NDJSON, gzip, and a left input far larger than the memory budget.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use sieve::ctl::write_json_records;
+use sieve::gen::UsersSpec;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sieve");
+
+fn write(path: &Path, records: impl Iterator<Item = Vec<u8>>, array: bool, gzip: bool) -> Result<()> {
+    let file = std::fs::File::create(path)?;
+    if gzip {
+        let mut w = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
+        write_json_records(&mut w, records, array)?;
+        w.finish()?.flush()?;
+    } else {
+        let mut w = std::io::BufWriter::new(file);
+        write_json_records(&mut w, records, array)?;
+        w.flush()?;
+    }
+    Ok(())
+}
+
+/// Runs the binary; returns stdout-independent (stderr, peak RSS of the child in bytes).
+fn antijoin(args: &[&str]) -> Result<(String, u64)> {
+    let out = Command::new(BIN)
+        .arg("antijoin")
+        .arg("files")
+        .args(args)
+        .arg("--quiet")
+        .output()
+        .context("running sieve antijoin files")?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(out.status.success(), "exit {:?}: {stderr}", out.status.code());
+    Ok((stderr, children_peak_rss()))
+}
+
+/// Largest peak RSS among this process's waited-for children (nextest runs each test in
+/// its own process, so this is the anti-join's).
+fn children_peak_rss() -> u64 {
+    // SAFETY: getrusage writes into the struct we pass and has no other preconditions.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+    }
+    usage.ru_maxrss as u64 * 1024
+}
+
+#[test]
+fn ndjson_left_and_gzipped_array_right_give_exactly_the_missing_records() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = UsersSpec {
+        legacy: 50_000,
+        ids: 40_000,
+        ..Default::default()
+    };
+    let (left, right, out) = (dir.path().join("legacy.ndjson"), dir.path().join("current.json.gz"), dir.path().join("missing.ndjson"));
+    write(&left, spec.legacy().map(|(_, r)| r), false, false)?;
+    write(&right, spec.current().map(|(_, r)| r), true, true)?;
+    let (stderr, _) = antijoin(&["--left", left.to_str().unwrap_or_default(), "--right", right.to_str().unwrap_or_default(), "--out", out.to_str().unwrap_or_default()])?;
+
+    let expected: Vec<Vec<u8>> = spec.legacy().filter(|(id, _)| !spec.is_current(id)).map(|(_, r)| r).collect();
+    let got: Vec<Vec<u8>> = std::fs::read(&out)?.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
+    ensure!(got.len() == expected.len(), "{} records, expected {}", got.len(), expected.len());
+    ensure!(got == expected, "output differs from the expected records in input order");
+    ensure!(stderr.contains(&format!("emitted {:>14}", expected.len())), "summary: {stderr}");
+    Ok(())
+}
+
+#[test]
+fn keys_only_counts_distinct_missing_keys_from_an_array_left() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = UsersSpec {
+        legacy: 30_000,
+        ids: 5_000,
+        guest_share: 0.2,
+        ..Default::default()
+    };
+    let (left, right, out) = (dir.path().join("legacy.json"), dir.path().join("current.ndjson"), dir.path().join("keys.ndjson"));
+    write(&left, spec.legacy().map(|(_, r)| r), true, false)?;
+    write(&right, spec.current().map(|(_, r)| r), false, false)?;
+    antijoin(&["--left", left.to_str().unwrap_or_default(), "--right", right.to_str().unwrap_or_default(), "--out", out.to_str().unwrap_or_default(), "--keys-only"])?;
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for (id, _) in spec.legacy().filter(|(id, _)| !spec.is_current(id)) {
+        *expected.entry(id).or_default() += 1;
+    }
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    let mut order = Vec::new();
+    for line in std::fs::read_to_string(&out)?.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let k = v["key"].as_str().unwrap_or_default().to_string();
+        order.push(k.clone());
+        got.insert(k, v["count"].as_u64().unwrap_or(0));
+    }
+    ensure!(got == expected, "key counts differ");
+    ensure!(order.windows(2).all(|w| w[0] < w[1]), "keys not sorted and distinct");
+    ensure!(!got.contains_key("guest"), "the hot key has a match and must not appear");
+    Ok(())
+}
+
+#[test]
+fn left_input_twenty_times_the_budget_keeps_memory_bounded() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let budget_mb = 16u64;
+    // ~2.9 M records of ~115 B: about 21x the budget; the right side (1 M ids, ~50 MB as a
+    // hash set) does not fit either, so it moves to RocksDB + Bloom.
+    let spec = UsersSpec {
+        legacy: 2_900_000,
+        ids: 2_000_000,
+        current_share: 0.5,
+        ..Default::default()
+    };
+    let (left, right, out) = (dir.path().join("legacy.ndjson"), dir.path().join("current.ndjson"), dir.path().join("missing.ndjson"));
+    write(&left, spec.legacy().map(|(_, r)| r), false, false)?;
+    write(&right, spec.current().map(|(_, r)| r), false, false)?;
+    let left_bytes = std::fs::metadata(&left)?.len();
+    ensure!(left_bytes > 20 * (budget_mb << 20), "left input only {left_bytes} bytes");
+    let (stderr, peak) = antijoin(&[
+        "--left", left.to_str().unwrap_or_default(), "--right", right.to_str().unwrap_or_default(),
+        "--out", out.to_str().unwrap_or_default(), "--memory-budget-mb", &budget_mb.to_string(),
+        "--spill-dir", dir.path().to_str().unwrap_or_default(),
+    ])?;
+    ensure!(stderr.contains("rocksdb+bloom"), "right side did not spill: {stderr}");
+    let expected = spec.legacy().filter(|(id, _)| !spec.is_current(id)).count();
+    let got = std::fs::read(&out)?.iter().filter(|b| **b == b'\n').count();
+    ensure!(got == expected, "{got} records, expected {expected}");
+    // The budget bounds state; threads' batches, RocksDB memtables and the binary add a
+    // fixed overhead that does not grow with the input.
+    let bound = (budget_mb + 80) << 20;
+    ensure!(peak < bound, "peak RSS {} MiB above {} MiB for a {} MiB left input", peak >> 20, bound >> 20, left_bytes >> 20);
+    eprintln!("peak RSS {} MiB for a {} MiB left input, budget {budget_mb} MiB", peak >> 20, left_bytes >> 20);
+    Ok(())
+}
