@@ -41,7 +41,11 @@ pub fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() % 1_000_000_000)
         .unwrap_or(0);
-    format!("{prefix}-{}-{}-{nanos}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout` with `what` in the message.
@@ -95,7 +99,10 @@ impl Broker {
     pub fn start_with(engine: Engine) -> Result<Broker> {
         let bin = tansu_bin();
         if !bin.exists() {
-            bail!("local broker not installed at {}: run `scripts/broker.sh install`", bin.display());
+            bail!(
+                "local broker not installed at {}: run `scripts/broker.sh install`",
+                bin.display()
+            );
         }
         let mut b = Broker {
             child: None,
@@ -123,7 +130,13 @@ impl Broker {
             .append(true)
             .open(self.dir.path().join("broker.log"))?;
         let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .arg("--storage-engine")
             .arg(storage)
             .current_dir(self.dir.path())
@@ -134,9 +147,11 @@ impl Broker {
             .context("starting the local broker")?;
         self.child = Some(child);
         let clients = self.clients();
-        wait_for("the broker to answer metadata", Duration::from_secs(30), || {
-            clients.check_reachable().ok()
-        })?;
+        wait_for(
+            "the broker to answer metadata",
+            Duration::from_secs(30),
+            || clients.check_reachable().ok(),
+        )?;
         if self.engine == Engine::Sqlite {
             add_header_index(&self.dir.path().join("tansu.db"))?;
         }
@@ -170,7 +185,10 @@ impl Broker {
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
-        block(self.clients().ensure_topic(name, partitions, &[("retention.ms", "-1")]))?;
+        block(
+            self.clients()
+                .ensure_topic(name, partitions, &[("retention.ms", "-1")]),
+        )?;
         Ok(())
     }
 
@@ -211,13 +229,23 @@ impl Broker {
         for r in records {
             let mut h = OwnedHeaders::new();
             for (k, v) in &r.headers {
-                h = h.insert(Header { key: k, value: Some(*v) });
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(*v),
+                });
             }
-            let mut rec = FutureRecord::to(topic).key(r.key).payload(r.value).headers(h);
+            let mut rec = FutureRecord::to(topic)
+                .key(r.key)
+                .payload(r.value)
+                .headers(h);
             if let Some(ts) = r.timestamp_ms {
                 rec = rec.timestamp(ts);
             }
-            pending.push(producer.send_result(rec).map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?);
+            pending.push(
+                producer
+                    .send_result(rec)
+                    .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?,
+            );
             n += 1;
             if pending.len() >= 50_000 {
                 settle(&mut pending)?;
@@ -250,10 +278,18 @@ impl Broker {
         let reader = clients.reader()?;
         let mut out = Vec::new();
         for (p, high) in self.end_offsets(topic)? {
-            sieve_core::changelog::read_range(&reader, topic, p, 0, high, Duration::from_secs(30), |m| {
-                out.push(m.clone());
-                Ok(())
-            })?;
+            sieve_core::changelog::read_range(
+                &reader,
+                topic,
+                p,
+                0,
+                high,
+                Duration::from_secs(30),
+                |m| {
+                    out.push(m.clone());
+                    Ok(())
+                },
+            )?;
         }
         Ok(out)
     }
@@ -270,7 +306,12 @@ impl Broker {
         Ok(res
             .elements()
             .iter()
-            .filter_map(|e| e.offset().to_raw().filter(|o| *o >= 0).map(|o| (e.partition(), o)))
+            .filter_map(|e| {
+                e.offset()
+                    .to_raw()
+                    .filter(|o| *o >= 0)
+                    .map(|o| (e.partition(), o))
+            })
             .collect())
     }
 
@@ -289,7 +330,10 @@ fn add_header_index(db: &Path) -> Result<()> {
         .output()
         .context("running scripts/broker-index.py (needs python3)")?;
     if !out.status.success() {
-        bail!("broker-index.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "broker-index.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -325,7 +369,12 @@ pub struct Service {
 
 impl Service {
     /// Spawns `bin args…` with `--metrics-addr` on a free port; logs go to a file in `log_dir`.
-    pub fn spawn(bin: &Path, args: &[String], env: &[(&str, &str)], log_dir: &Path) -> Result<Service> {
+    pub fn spawn(
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Result<Service> {
         let metrics_port = free_port();
         let log = log_dir.join(format!("{}.log", unique("svc")));
         let file = std::fs::File::create(&log)?;
@@ -340,7 +389,9 @@ impl Service {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
         Ok(Service {
             child: Some(child),
             metrics_port,
@@ -362,7 +413,9 @@ impl Service {
 
     /// SIGTERM and wait for a graceful exit; returns the exit code.
     pub fn terminate(&mut self, timeout: Duration) -> Result<i32> {
-        let Some(mut c) = self.child.take() else { bail!("not running") };
+        let Some(mut c) = self.child.take() else {
+            bail!("not running")
+        };
         // SAFETY: sending a signal to our own child's pid.
         unsafe {
             libc::kill(c.id() as i32, libc::SIGTERM);
@@ -389,6 +442,19 @@ impl Service {
         }
     }
 
+    /// Waits for the process to exit by itself (a failpoint, an error); the error names the
+    /// log's last lines when it does not.
+    pub fn wait_exit(&mut self, what: &str, timeout: Duration) -> Result<i32> {
+        let res = wait_for(what, timeout, || self.exited());
+        res.with_context(|| format!("log tail:\n{}", self.log_tail(40)))
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let logs = self.logs();
+        let all: Vec<&str> = logs.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -412,7 +478,9 @@ impl Drop for Service {
 
 /// Status and body of a GET, or None when nothing listens yet.
 pub fn http_get(url: &str) -> Option<(u16, String)> {
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build();
     match agent.get(url).call() {
         Ok(r) => Some((r.status(), r.into_string().unwrap_or_default())),
         Err(ureq::Error::Status(code, r)) => Some((code, r.into_string().unwrap_or_default())),
@@ -427,7 +495,9 @@ pub fn metric_value(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
         if line.starts_with('#') {
             continue;
         }
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let bare = series.split('{').next().unwrap_or(series);
         if bare != name || !labels.iter().all(|l| series.contains(l)) {
             continue;

@@ -75,8 +75,17 @@ impl Summary {
     pub fn print(&self, to: &mut dyn Write) -> std::io::Result<()> {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         writeln!(to, "anti-join summary")?;
-        writeln!(to, "  right records      {:>14}  ({} distinct keys, {})", self.right_records, self.right_keys, self.right_mode)?;
-        writeln!(to, "  left records       {:>14}  ({:.0}/s)", self.left_records, self.left_records as f64 / secs)?;
+        writeln!(
+            to,
+            "  right records      {:>14}  ({} distinct keys, {})",
+            self.right_records, self.right_keys, self.right_mode
+        )?;
+        writeln!(
+            to,
+            "  left records       {:>14}  ({:.0}/s)",
+            self.left_records,
+            self.left_records as f64 / secs
+        )?;
         writeln!(to, "  emitted            {:>14}", self.emitted)?;
         if let Some(d) = self.distinct_missing_keys {
             writeln!(to, "  distinct keys      {d:>14}")?;
@@ -85,7 +94,11 @@ impl Summary {
             writeln!(to, "  rejected {reason:<12}{n:>12}")?;
         }
         writeln!(to, "  time               {:>13.2}s", secs)?;
-        writeln!(to, "  peak memory        {:>11} MiB", self.peak_rss_bytes >> 20)
+        writeln!(
+            to,
+            "  peak memory        {:>11} MiB",
+            self.peak_rss_bytes >> 20
+        )
     }
 }
 
@@ -120,9 +133,14 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
         jsonfile::for_each_record(&path.display().to_string(), reader, |_, bytes| {
             summary.right_records += 1;
             match jsonkey::extract(bytes, &right_key) {
-                Ok(k) => right.insert(&k, budget / 2, &spill_dir).map_err(|e| e.to_string()),
+                Ok(k) => right
+                    .insert(&k, budget / 2, &spill_dir)
+                    .map_err(|e| e.to_string()),
                 Err(e) => {
-                    *summary.rejected.entry(format!("right_{}", e.reason())).or_default() += 1;
+                    *summary
+                        .rejected
+                        .entry(format!("right_{}", e.reason()))
+                        .or_default() += 1;
                     Ok(())
                 }
             }
@@ -134,7 +152,11 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
 
     let threads = args
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
         .max(1);
     let total_bytes: u64 = args
         .left
@@ -211,24 +233,29 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
     Ok(summary)
 }
 
-fn read_left(paths: &[PathBuf], tx: crossbeam_channel::Sender<(u64, Batch)>, progress: &Progress) -> Result<()> {
+fn read_left(
+    paths: &[PathBuf],
+    tx: crossbeam_channel::Sender<(u64, Batch)>,
+    progress: &Progress,
+) -> Result<()> {
     let mut seq = 0u64;
     let mut batch = Batch::default();
     let mut done_bytes = 0u64;
     for path in paths {
         let (reader, count) = jsonfile::open(path)?;
-        let res = jsonfile::for_each_record(&path.display().to_string(), reader, |_: Position, bytes| {
-            let start = batch.data.len();
-            batch.data.extend_from_slice(bytes);
-            batch.records.push((start, batch.data.len()));
-            if batch.data.len() >= BATCH_BYTES {
-                progress.bytes(done_bytes + count.get());
-                tx.send((seq, std::mem::take(&mut batch)))
-                    .map_err(|_| "workers stopped".to_string())?;
-                seq += 1;
-            }
-            Ok(())
-        });
+        let res =
+            jsonfile::for_each_record(&path.display().to_string(), reader, |_: Position, bytes| {
+                let start = batch.data.len();
+                batch.data.extend_from_slice(bytes);
+                batch.records.push((start, batch.data.len()));
+                if batch.data.len() >= BATCH_BYTES {
+                    progress.bytes(done_bytes + count.get());
+                    tx.send((seq, std::mem::take(&mut batch)))
+                        .map_err(|_| "workers stopped".to_string())?;
+                    seq += 1;
+                }
+                Ok(())
+            });
         res?;
         done_bytes += count.get();
     }
@@ -248,7 +275,9 @@ fn probe(batch: &Batch, key: &str, right: &RightSet, keys_only: bool) -> Done {
         rejected: BTreeMap::new(),
     };
     for &(s, e) in &batch.records {
-        let Some(rec) = batch.data.get(s..e) else { continue };
+        let Some(rec) = batch.data.get(s..e) else {
+            continue;
+        };
         match jsonkey::extract(rec, key) {
             Err(err) => *done.rejected.entry(err.reason()).or_default() += 1,
             Ok(k) => match right.contains(&k) {
@@ -312,7 +341,9 @@ impl KeyCounts {
             let db = rocksdb::DB::open(&opts, dir.path()).map_err(AntijoinError::store)?;
             self.spilled = Some((db, dir));
         }
-        let Some((db, _)) = &self.spilled else { return Ok(()) };
+        let Some((db, _)) = &self.spilled else {
+            return Ok(());
+        };
         let mut batch = rocksdb::WriteBatch::default();
         for (k, n) in self.mem.drain() {
             let prev = db
@@ -323,7 +354,8 @@ impl KeyCounts {
                 .unwrap_or(0);
             batch.put(&k, (prev + n).to_be_bytes());
             if batch.len() >= 10_000 {
-                db.write(std::mem::take(&mut batch)).map_err(AntijoinError::store)?;
+                db.write(std::mem::take(&mut batch))
+                    .map_err(AntijoinError::store)?;
             }
         }
         db.write(batch).map_err(AntijoinError::store)?;
@@ -346,7 +378,9 @@ impl KeyCounts {
             if let Some((db, _)) = &self.spilled {
                 for item in db.iterator(rocksdb::IteratorMode::Start) {
                     let (k, v) = item.map_err(AntijoinError::store)?;
-                    let n = <[u8; 8]>::try_from(&*v).map(u64::from_be_bytes).unwrap_or(0);
+                    let n = <[u8; 8]>::try_from(&*v)
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(0);
                     line(out, &k, n)?;
                     written += 1;
                 }

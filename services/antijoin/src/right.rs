@@ -67,7 +67,9 @@ impl RightSet {
     }
 
     fn spill(&mut self, spill_dir: &Path) -> Result<()> {
-        let RightSet::Memory { keys, .. } = self else { return Ok(()) };
+        let RightSet::Memory { keys, .. } = self else {
+            return Ok(());
+        };
         let dir = tempfile::tempdir_in(spill_dir)?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -140,7 +142,8 @@ fn write_keys(db: &DB, keys: impl Iterator<Item = Box<[u8]>>) -> Result<()> {
     for k in keys {
         batch.put(&k, []);
         if batch.len() >= 10_000 {
-            db.write(std::mem::take(&mut batch)).map_err(AntijoinError::store)?;
+            db.write(std::mem::take(&mut batch))
+                .map_err(AntijoinError::store)?;
         }
     }
     db.write(batch).map_err(AntijoinError::store)

@@ -71,7 +71,8 @@ impl KeyBloom {
 
     /// Publishes the observed FP rate under `name` (for example the operator's name).
     pub fn publish(&self, name: &str) {
-        metrics::gauge!(names::BLOOM_FP_RATE, "filter" => name.to_string()).set(self.observed_fp_rate());
+        metrics::gauge!(names::BLOOM_FP_RATE, "filter" => name.to_string())
+            .set(self.observed_fp_rate());
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>> {

@@ -121,7 +121,9 @@ pub fn read_range(
             Some(Err(e)) => break Err(CoreError::kafka(format!("read {topic}/{partition}"), e)),
             None if last_progress.elapsed() > idle_timeout => {
                 break Err(CoreError::kafka(
-                    format!("read {topic}/{partition} [{from}, {to}): no data for {idle_timeout:?}"),
+                    format!(
+                        "read {topic}/{partition} [{from}, {to}): no data for {idle_timeout:?}"
+                    ),
                     KafkaError::NoMessageReceived,
                 ))
             }
@@ -174,7 +176,7 @@ pub fn restore(
     let mut read = 0u64;
     read_range(reader, topic, partition, 0, to, IDLE, |m| {
         read += 1;
-        if read % 10_000 == 0 {
+        if read.is_multiple_of(10_000) {
             progress(10_000);
         }
         let Some(k) = m.key() else { return Ok(()) };
@@ -221,7 +223,10 @@ mod tests {
                 Decoded::Meta => "meta".into(),
             })
             .collect();
-        assert_eq!(kinds, ["drop bucket.3", "bucket.7:gone", "default:k", "meta"]);
+        assert_eq!(
+            kinds,
+            ["drop bucket.3", "bucket.7:gone", "default:k", "meta"]
+        );
         assert!(decode_key(&[9]).is_err());
         assert!(decode_key(&[TAG_STATE, 200, b'a']).is_err());
     }

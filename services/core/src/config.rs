@@ -36,7 +36,12 @@ pub struct KafkaArgs {
     pub brokers: String,
     /// librdkafka property passed through to every client (repeatable), e.g.
     /// `-X security.protocol=SASL_SSL -X sasl.mechanisms=SCRAM-SHA-512`.
-    #[arg(short = 'X', value_name = "KEY=VALUE", env = "SIEVE_KAFKA_PROPERTIES", value_delimiter = ';')]
+    #[arg(
+        short = 'X',
+        value_name = "KEY=VALUE",
+        env = "SIEVE_KAFKA_PROPERTIES",
+        value_delimiter = ';'
+    )]
     pub properties: Vec<KafkaProperty>,
     /// How long to wait for the brokers at start before giving up.
     #[arg(long, env = "SIEVE_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]

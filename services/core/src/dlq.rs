@@ -14,7 +14,13 @@ pub const SOURCE_PARTITION: &str = "sieve-dlq-source-partition";
 pub const SOURCE_OFFSET: &str = "sieve-dlq-source-offset";
 
 /// A DLQ record for `rec`: same key, payload and headers; reason, detail and origin added.
-pub fn dead_letter(rec: &OwnedMessage, dlq_topic: &str, stage: &str, reason: &str, detail: &str) -> Output {
+pub fn dead_letter(
+    rec: &OwnedMessage,
+    dlq_topic: &str,
+    stage: &str,
+    reason: &str,
+    detail: &str,
+) -> Output {
     Output::copy_of(dlq_topic, rec)
         .header(STAGE, stage)
         .header(REASON, reason)

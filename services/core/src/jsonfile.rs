@@ -34,7 +34,11 @@ pub enum ReadError {
     Io { path: String, source: io::Error },
     /// The file cannot be read on (a broken JSON array cannot be resynchronised).
     #[error("{path}: invalid JSON array at or after {at}: {message}")]
-    Syntax { path: String, at: Position, message: String },
+    Syntax {
+        path: String,
+        at: Position,
+        message: String,
+    },
     /// The callback asked to stop.
     #[error("stopped: {0}")]
     Stopped(String),
@@ -84,7 +88,10 @@ pub fn open(path: &Path) -> Result<(Box<dyn BufRead + Send>, BytesRead), ReadErr
     );
     let head = buffered.fill_buf().map_err(io_err)?.to_vec();
     let reader: Box<dyn BufRead + Send> = if head.starts_with(&[0x1f, 0x8b]) {
-        Box::new(BufReader::with_capacity(1 << 20, flate2::bufread::MultiGzDecoder::new(buffered)))
+        Box::new(BufReader::with_capacity(
+            1 << 20,
+            flate2::bufread::MultiGzDecoder::new(buffered),
+        ))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(BufReader::with_capacity(
             1 << 20,
@@ -145,7 +152,11 @@ pub fn for_each_record<R: BufRead>(
 
 fn trim(b: &[u8]) -> &[u8] {
     let start = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
-    let end = b.len() - b.iter().rev().take_while(|c| c.is_ascii_whitespace()).count();
+    let end = b.len()
+        - b.iter()
+            .rev()
+            .take_while(|c| c.is_ascii_whitespace())
+            .count();
     b.get(start..end.max(start)).unwrap_or_default()
 }
 
@@ -182,7 +193,9 @@ fn read_array<R: BufRead>(
     };
     let mut de = serde_json::Deserializer::from_reader(reader);
     // Huge files may nest deeply only by mistake; keep serde_json's recursion limit.
-    let res = (&mut de).deserialize_seq(&mut elements).and_then(|_| de.end());
+    let res = (&mut de)
+        .deserialize_seq(&mut elements)
+        .and_then(|_| de.end());
     if let Some(stop) = elements.stopped {
         return Err(ReadError::Stopped(stop));
     }
@@ -229,7 +242,10 @@ mod tests {
             Err(ReadError::Syntax { at, .. }) => assert_eq!(at, Position::Element(2)),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(collect(b"[{\"id\":1}] trailing"), Err(ReadError::Syntax { .. })));
+        assert!(matches!(
+            collect(b"[{\"id\":1}] trailing"),
+            Err(ReadError::Syntax { .. })
+        ));
     }
 
     #[test]
@@ -237,7 +253,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let body = b"[{\"id\":\"a\"},{\"id\":\"b\"}]";
         let gz = dir.path().join("x.json");
-        let mut e = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::fast());
+        let mut e =
+            flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::fast());
         e.write_all(body).unwrap();
         e.finish().unwrap();
         let zs = dir.path().join("y");

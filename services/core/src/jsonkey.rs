@@ -48,10 +48,22 @@ mod tests {
         assert_eq!(extract(br#"{"id":"u1"}"#, "/id").unwrap(), b"u1");
         assert_eq!(extract(br#"{"id":42}"#, "/id").unwrap(), b"42");
         assert_eq!(extract(br#"{"a":{"b/c":7}}"#, "/a/b~1c").unwrap(), b"7");
-        assert_eq!(extract(br#"{"id":null}"#, "/id").unwrap_err().reason(), "missing_key");
-        assert_eq!(extract(br#"{"x":1}"#, "/id").unwrap_err().reason(), "missing_key");
-        assert_eq!(extract(br#"{"id":[1]}"#, "/id").unwrap_err().reason(), "key_not_scalar");
+        assert_eq!(
+            extract(br#"{"id":null}"#, "/id").unwrap_err().reason(),
+            "missing_key"
+        );
+        assert_eq!(
+            extract(br#"{"x":1}"#, "/id").unwrap_err().reason(),
+            "missing_key"
+        );
+        assert_eq!(
+            extract(br#"{"id":[1]}"#, "/id").unwrap_err().reason(),
+            "key_not_scalar"
+        );
         assert_eq!(extract(b"{nope", "/id").unwrap_err().reason(), "bad_json");
-        assert_eq!(extract(b"\xff\xfe", "/id").unwrap_err().reason(), "bad_json");
+        assert_eq!(
+            extract(b"\xff\xfe", "/id").unwrap_err().reason(),
+            "bad_json"
+        );
     }
 }

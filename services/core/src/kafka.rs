@@ -155,7 +155,10 @@ impl Clients {
             topic = topic.set(k, v);
         }
         let res = admin
-            .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+            .create_topics(
+                &[topic],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
             .await
             .map_err(|e| CoreError::kafka(format!("create topic {name}"), e))?;
         match res.into_iter().next() {

@@ -35,7 +35,12 @@ impl Output {
         if let Some(hs) = rec.headers() {
             out.headers = hs
                 .iter()
-                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
                 .collect();
         }
         out
@@ -68,7 +73,10 @@ pub struct OutputId {
 
 impl OutputId {
     pub fn encode(&self) -> String {
-        format!("{}/{}/{}/{}", self.topic, self.partition, self.offset, self.index)
+        format!(
+            "{}/{}/{}/{}",
+            self.topic, self.partition, self.offset, self.index
+        )
     }
 
     /// Parses an id; topic names may not contain '/', so the last three fields are numbers.

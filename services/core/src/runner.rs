@@ -168,7 +168,10 @@ impl<F: OperatorFactory> ConsumerContext for RunnerContext<F> {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         let mut engine = lock(&self.engine);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
@@ -312,7 +315,13 @@ impl<F: OperatorFactory> Engine<F> {
                 cl_end,
                 |n| metrics::counter!(names::RESTORE_RECORDS).increment(n),
             )?;
-            tracing::info!(topic, partition, records, elapsed_ms = started.elapsed().as_millis() as u64, "state restored from changelog");
+            tracing::info!(
+                topic,
+                partition,
+                records,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "state restored from changelog"
+            );
         }
         let mut meta = store.meta()?.unwrap_or(PartitionMeta {
             next_offset: -1,
@@ -323,7 +332,14 @@ impl<F: OperatorFactory> Engine<F> {
         let op = self.factory.open(topic, partition, &store)?;
         metrics::gauge!(names::STATE_BYTES, "topic" => topic.to_string(), "partition" => partition.to_string())
             .set(store.approximate_bytes() as f64);
-        tracing::info!(topic, partition, next_offset = meta.next_offset, clean = meta.clean, rebuilt = rebuild, "partition opened");
+        tracing::info!(
+            topic,
+            partition,
+            next_offset = meta.next_offset,
+            clean = meta.clean,
+            rebuilt = rebuild,
+            "partition opened"
+        );
         Ok(Partition {
             store,
             op,
@@ -367,19 +383,31 @@ impl<F: OperatorFactory> Engine<F> {
                     .unwrap_or(*high)
                     .max(*low);
                 let parts = &mut self.partitions;
-                changelog::read_range(&self.reader, t, *p, from, *high, Duration::from_secs(30), |m| {
-                    scanned += 1;
-                    if let Some(id) = OutputId::of(m) {
-                        if let Some(part) = parts.get_mut(&(id.topic.clone(), id.partition)) {
-                            let start = part.meta.out_pos.get(key).copied().unwrap_or(*low);
-                            if !part.meta.clean && m.offset() >= start && id.offset >= part.meta.next_offset {
-                                part.already_written.insert((id.offset, id.index));
-                                part.already_written_max = part.already_written_max.max(id.offset);
+                changelog::read_range(
+                    &self.reader,
+                    t,
+                    *p,
+                    from,
+                    *high,
+                    Duration::from_secs(30),
+                    |m| {
+                        scanned += 1;
+                        if let Some(id) = OutputId::of(m) {
+                            if let Some(part) = parts.get_mut(&(id.topic.clone(), id.partition)) {
+                                let start = part.meta.out_pos.get(key).copied().unwrap_or(*low);
+                                if !part.meta.clean
+                                    && m.offset() >= start
+                                    && id.offset >= part.meta.next_offset
+                                {
+                                    part.already_written.insert((id.offset, id.index));
+                                    part.already_written_max =
+                                        part.already_written_max.max(id.offset);
+                                }
                             }
                         }
-                    }
-                    Ok(())
-                })?;
+                        Ok(())
+                    },
+                )?;
             }
             metrics::counter!(names::RECOVERY_SCANNED).increment(scanned);
             let found: usize = dirty
@@ -387,17 +415,29 @@ impl<F: OperatorFactory> Engine<F> {
                 .filter_map(|tp| self.partitions.get(*tp))
                 .map(|p| p.already_written.len())
                 .sum();
-            tracing::info!(partitions = dirty.len(), scanned, found, elapsed_ms = started.elapsed().as_millis() as u64, "recovery scan done");
+            tracing::info!(
+                partitions = dirty.len(),
+                scanned,
+                found,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "recovery scan done"
+            );
         }
         // Record scan positions for every output partition. Positions only move forward once
         // the outputs found by the scan have been re-encountered, so a second crash before
         // that still finds them.
         let mut pending = Vec::new();
         for tp in opened {
-            let Some(part) = self.partitions.get_mut(tp) else { continue };
+            let Some(part) = self.partitions.get_mut(tp) else {
+                continue;
+            };
             for (key, (_, _, low, high)) in &ends {
                 if part.already_written.is_empty() || !part.meta.out_pos.contains_key(key) {
-                    let pos = if part.already_written.is_empty() { *high } else { *low };
+                    let pos = if part.already_written.is_empty() {
+                        *high
+                    } else {
+                        *low
+                    };
                     part.meta.out_pos.insert(key.clone(), pos);
                 }
             }
@@ -406,7 +446,13 @@ impl<F: OperatorFactory> Engine<F> {
             let cl_topic = changelog::topic_name(&self.group, &tp.0);
             let entries = changelog::encode(&Changes::default(), &part.meta)?;
             for (k, v) in entries {
-                pending.push(send_changelog(&self.producer, &cl_topic, tp.1, &k, v.as_deref())?);
+                pending.push(send_changelog(
+                    &self.producer,
+                    &cl_topic,
+                    tp.1,
+                    &k,
+                    v.as_deref(),
+                )?);
             }
         }
         for r in block_on(join_all(pending)) {
@@ -420,9 +466,15 @@ impl<F: OperatorFactory> Engine<F> {
     fn close_partitions(&mut self, tps: &[Tp], graceful: bool) -> Result<TopicPartitionList> {
         let mut commits = TopicPartitionList::new();
         for tp in tps {
-            let Some(mut part) = self.partitions.remove(tp) else { continue };
+            let Some(mut part) = self.partitions.remove(tp) else {
+                continue;
+            };
             if !graceful {
-                tracing::warn!(topic = tp.0, partition = tp.1, "partition lost: closing without commit");
+                tracing::warn!(
+                    topic = tp.0,
+                    partition = tp.1,
+                    "partition lost: closing without commit"
+                );
                 continue;
             }
             let mut last = None;
@@ -441,7 +493,13 @@ impl<F: OperatorFactory> Engine<F> {
                 let cl_topic = changelog::topic_name(&self.group, &tp.0);
                 let mut pending = Vec::new();
                 for (k, v) in changelog::encode(&part.changes, &part.meta)? {
-                    pending.push(send_changelog(&self.producer, &cl_topic, tp.1, &k, v.as_deref())?);
+                    pending.push(send_changelog(
+                        &self.producer,
+                        &cl_topic,
+                        tp.1,
+                        &k,
+                        v.as_deref(),
+                    )?);
                 }
                 for r in block_on(join_all(pending)) {
                     let (_, off) = delivered(r)?;
@@ -456,7 +514,12 @@ impl<F: OperatorFactory> Engine<F> {
                     .add_partition_offset(&tp.0, tp.1, Offset::Offset(part.meta.next_offset))
                     .map_err(|e| CoreError::kafka("commit list", e))?;
             }
-            tracing::info!(topic = tp.0, partition = tp.1, next_offset = part.meta.next_offset, "partition closed");
+            tracing::info!(
+                topic = tp.0,
+                partition = tp.1,
+                next_offset = part.meta.next_offset,
+                "partition closed"
+            );
         }
         Ok(commits)
     }
@@ -471,7 +534,9 @@ impl<F: OperatorFactory> Engine<F> {
         let (mut skipped_processed, mut skipped_written) = (0u64, 0u64);
         for msg in batch.drain(..) {
             let tp = (msg.topic().to_string(), msg.partition());
-            let Some(part) = self.partitions.get_mut(&tp) else { continue };
+            let Some(part) = self.partitions.get_mut(&tp) else {
+                continue;
+            };
             if part.meta.next_offset >= 0 && msg.offset() < part.meta.next_offset {
                 skipped_processed += 1;
                 continue;
@@ -511,7 +576,10 @@ impl<F: OperatorFactory> Engine<F> {
         for ((tp, out_topic), r) in dests.into_iter().zip(results) {
             let (out_partition, out_offset) = delivered(r)?;
             if let Some(part) = self.partitions.get_mut(&tp) {
-                let e = part.acked.entry(tp_key(&out_topic, out_partition)).or_insert(-1);
+                let e = part
+                    .acked
+                    .entry(tp_key(&out_topic, out_partition))
+                    .or_insert(-1);
                 *e = (*e).max(out_offset);
             }
             *out_counts.entry(out_topic).or_default() += 1;
@@ -531,8 +599,11 @@ impl<F: OperatorFactory> Engine<F> {
         let mut commits = TopicPartitionList::new();
         let exactly_once = self.exactly_once();
         for tp in &touched {
-            let Some(part) = self.partitions.get_mut(tp) else { continue };
-            if !part.already_written.is_empty() && part.already_written_max < part.meta.next_offset {
+            let Some(part) = self.partitions.get_mut(tp) else {
+                continue;
+            };
+            if !part.already_written.is_empty() && part.already_written_max < part.meta.next_offset
+            {
                 // Every input whose outputs the scan found has been re-processed.
                 part.already_written.clear();
             }
@@ -548,8 +619,13 @@ impl<F: OperatorFactory> Engine<F> {
             if exactly_once || !part.changes.is_empty() {
                 let cl_topic = changelog::topic_name(&self.group, &tp.0);
                 for (k, v) in changelog::encode(&part.changes, &part.meta)? {
-                    part.pending_changelog
-                        .push(send_changelog(&self.producer, &cl_topic, tp.1, &k, v.as_deref())?);
+                    part.pending_changelog.push(send_changelog(
+                        &self.producer,
+                        &cl_topic,
+                        tp.1,
+                        &k,
+                        v.as_deref(),
+                    )?);
                 }
             }
             part.changes.clear();
@@ -564,10 +640,12 @@ impl<F: OperatorFactory> Engine<F> {
             metrics::counter!(names::RECORDS_OUT, "topic" => t).increment(n);
         }
         if skipped_processed > 0 {
-            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_processed").increment(skipped_processed);
+            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_processed")
+                .increment(skipped_processed);
         }
         if skipped_written > 0 {
-            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_written").increment(skipped_written);
+            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_written")
+                .increment(skipped_written);
         }
         metrics::histogram!(names::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(commits)
@@ -593,7 +671,9 @@ fn flush_operator<O: Operator>(part: &mut Partition<O>, closing: bool) -> Result
     if outputs.is_empty() {
         Ok(())
     } else {
-        Err(CoreError::Operator("flush emitted outputs; only process may".into()))
+        Err(CoreError::Operator(
+            "flush emitted outputs; only process may".into(),
+        ))
     }
 }
 
@@ -612,7 +692,10 @@ fn headers_with_id(out: &Output, id: &str) -> OwnedHeaders {
 }
 
 /// Queues a record, waiting while librdkafka's queue is full (backpressure, not an error).
-fn enqueue(producer: &FutureProducer, mut rec: FutureRecord<'_, [u8], [u8]>) -> Result<DeliveryFuture> {
+fn enqueue(
+    producer: &FutureProducer,
+    mut rec: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture> {
     loop {
         match producer.send_result(rec) {
             Ok(f) => return Ok(f),
@@ -626,7 +709,8 @@ fn enqueue(producer: &FutureProducer, mut rec: FutureRecord<'_, [u8], [u8]>) -> 
 }
 
 fn send_output(producer: &FutureProducer, out: &Output, id: &OutputId) -> Result<DeliveryFuture> {
-    let mut rec = FutureRecord::<[u8], [u8]>::to(&out.topic).headers(headers_with_id(out, &id.encode()));
+    let mut rec =
+        FutureRecord::<[u8], [u8]>::to(&out.topic).headers(headers_with_id(out, &id.encode()));
     if let Some(k) = &out.key {
         rec = rec.key(k.as_slice());
     }
@@ -646,7 +730,9 @@ fn send_changelog(
     key: &[u8],
     value: Option<&[u8]>,
 ) -> Result<DeliveryFuture> {
-    let mut rec = FutureRecord::<[u8], [u8]>::to(topic).key(key).partition(partition);
+    let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
+        .key(key)
+        .partition(partition);
     if let Some(v) = value {
         rec = rec.payload(v);
     }
@@ -691,7 +777,11 @@ pub fn run<F: OperatorFactory>(
     for t in &inputs {
         let n = clients.partition_count(&reader, t)?;
         let cl = changelog::topic_name(&args.group, t);
-        block_on(clients.ensure_topic(&cl, n, &[("cleanup.policy", "compact"), ("retention.ms", "-1")]))?;
+        block_on(clients.ensure_topic(
+            &cl,
+            n,
+            &[("cleanup.policy", "compact"), ("retention.ms", "-1")],
+        ))?;
     }
     let engine = Arc::new(Mutex::new(Engine {
         factory,
@@ -705,7 +795,12 @@ pub fn run<F: OperatorFactory>(
         health: health.clone(),
         fatal: None,
     }));
-    let consumer = clients.consumer(&args.group, RunnerContext { engine: engine.clone() })?;
+    let consumer = clients.consumer(
+        &args.group,
+        RunnerContext {
+            engine: engine.clone(),
+        },
+    )?;
     let topics: Vec<&str> = inputs.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)

@@ -173,9 +173,12 @@ impl PartitionStore {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| CoreError::Corrupt(format!("{}: missing column family {name}", self.path.display())))
+        self.db.cf_handle(name).ok_or_else(|| {
+            CoreError::Corrupt(format!(
+                "{}: missing column family {name}",
+                self.path.display()
+            ))
+        })
     }
 
     /// Reads a value, seeing `pending` writes of the current batch first.
@@ -191,7 +194,9 @@ impl PartitionStore {
 
     /// A local-only value (see [`LOCAL_CF`]).
     pub fn get_local(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db.get_cf(self.cf(LOCAL_CF)?, key).map_err(|e| self.err(e))
+        self.db
+            .get_cf(self.cf(LOCAL_CF)?, key)
+            .map_err(|e| self.err(e))
     }
 
     /// Visits committed entries whose key starts with `prefix`, in key order, without
@@ -260,8 +265,8 @@ impl PartitionStore {
         for (k, v) in &changes.local {
             batch.put_cf(self.cf(LOCAL_CF)?, k, v);
         }
-        let meta_bytes =
-            serde_json::to_vec(&meta).map_err(|e| CoreError::Corrupt(format!("encode meta: {e}")))?;
+        let meta_bytes = serde_json::to_vec(&meta)
+            .map_err(|e| CoreError::Corrupt(format!("encode meta: {e}")))?;
         batch.put_cf(self.cf(META_CF)?, META_KEY, meta_bytes);
         self.db.write(batch).map_err(|e| self.err(e))?;
         for cf in &meta.drop_pending {
@@ -309,7 +314,10 @@ mod tests {
         let mut s = PartitionStore::open(dir.path()).unwrap();
         let mut c = Changes::default();
         c.put(DEFAULT_CF, b"a", b"1");
-        assert_eq!(s.get(&c, DEFAULT_CF, b"a").unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(
+            s.get(&c, DEFAULT_CF, b"a").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
         assert_eq!(s.get(&Changes::default(), DEFAULT_CF, b"a").unwrap(), None);
         let meta = PartitionMeta {
             next_offset: 7,
@@ -320,7 +328,9 @@ mod tests {
         let s = PartitionStore::open(dir.path()).unwrap();
         assert_eq!(s.meta().unwrap().unwrap().next_offset, 7);
         assert_eq!(
-            s.get(&Changes::default(), DEFAULT_CF, b"a").unwrap().as_deref(),
+            s.get(&Changes::default(), DEFAULT_CF, b"a")
+                .unwrap()
+                .as_deref(),
             Some(&b"1"[..])
         );
     }

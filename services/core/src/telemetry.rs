@@ -39,22 +39,57 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     use names::*;
     describe_counter!(RECORDS_IN, "Input records taken into processing, by topic.");
-    describe_counter!(RECORDS_OUT, "Output records acknowledged by the broker, by topic.");
+    describe_counter!(
+        RECORDS_OUT,
+        "Output records acknowledged by the broker, by topic."
+    );
     describe_counter!(
         RECORDS_SKIPPED,
         "Records not processed or not produced again: already_processed (input before the stored offset), already_written (output found in the recovery scan)."
     );
-    describe_histogram!(BATCH_SECONDS, Unit::Seconds, "Time from the start of a batch's processing to its commit.");
-    describe_gauge!(CONSUMER_LAG, "Records between the consumer position and the end of the partition.");
-    describe_gauge!(PAUSED_PARTITIONS, "Input partitions currently paused by backpressure or priority.");
-    describe_gauge!(ASSIGNED_PARTITIONS, "Input partitions assigned to this process.");
-    describe_gauge!(STATE_BYTES, Unit::Bytes, "Estimated live bytes of local state, by partition.");
-    describe_counter!(RESTORE_RECORDS, "Changelog records read while restoring state.");
-    describe_gauge!(RESTORE_IN_PROGRESS, "Partitions whose state is being restored (not ready while > 0).");
-    describe_counter!(RECOVERY_SCANNED, "Output records read by recovery scans after an unclean stop.");
+    describe_histogram!(
+        BATCH_SECONDS,
+        Unit::Seconds,
+        "Time from the start of a batch's processing to its commit."
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Records between the consumer position and the end of the partition."
+    );
+    describe_gauge!(
+        PAUSED_PARTITIONS,
+        "Input partitions currently paused by backpressure or priority."
+    );
+    describe_gauge!(
+        ASSIGNED_PARTITIONS,
+        "Input partitions assigned to this process."
+    );
+    describe_gauge!(
+        STATE_BYTES,
+        Unit::Bytes,
+        "Estimated live bytes of local state, by partition."
+    );
+    describe_counter!(
+        RESTORE_RECORDS,
+        "Changelog records read while restoring state."
+    );
+    describe_gauge!(
+        RESTORE_IN_PROGRESS,
+        "Partitions whose state is being restored (not ready while > 0)."
+    );
+    describe_counter!(
+        RECOVERY_SCANNED,
+        "Output records read by recovery scans after an unclean stop."
+    );
     describe_counter!(ERRORS, "Errors by kind.");
-    describe_gauge!(READY, "1 when every assigned partition is restored and processing.");
-    describe_gauge!(BLOOM_FP_RATE, "Observed Bloom filter false-positive rate (maybe answers that the store refuted).");
+    describe_gauge!(
+        READY,
+        "1 when every assigned partition is restored and processing."
+    );
+    describe_gauge!(
+        BLOOM_FP_RATE,
+        "Observed Bloom filter false-positive rate (maybe answers that the store refuted)."
+    );
 }
 
 /// Installs the Prometheus recorder once per process and returns its handle.
@@ -66,7 +101,9 @@ pub fn metrics() -> Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-            &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            &[
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
         )
         .map_err(|e| CoreError::Config(format!("metrics buckets: {e}")))?
         .install_recorder()
@@ -134,7 +171,8 @@ impl Health {
 
     fn publish(&self) {
         metrics::gauge!(names::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
-        metrics::gauge!(names::RESTORE_IN_PROGRESS).set(self.restoring.load(Ordering::SeqCst) as f64);
+        metrics::gauge!(names::RESTORE_IN_PROGRESS)
+            .set(self.restoring.load(Ordering::SeqCst) as f64);
     }
 }
 
@@ -156,7 +194,10 @@ pub async fn serve(
         metrics: metrics()?,
     };
     let app = Router::new()
-        .route("/metrics", get(|State(s): State<ServerState>| async move { s.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(s): State<ServerState>| async move { s.metrics.render() }),
+        )
         .route(
             "/healthz",
             get(|State(s): State<ServerState>| async move {
@@ -184,7 +225,10 @@ pub async fn serve(
         .map_err(|e| CoreError::Config(format!("cannot listen on {addr}: {e}")))?;
     tracing::info!(%addr, "health and metrics server listening");
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(error = %e, "health server stopped");
         }
     }))

@@ -63,9 +63,15 @@ impl TopicsFile {
                     .ok_or_else(|| CoreError::Config(format!("topic {name}: no partitions")))?;
                 let mut configs = self.defaults.configs.clone();
                 configs.extend(spec.configs.clone());
-                if let Some(p) = spec.cleanup_policy.as_ref().or(self.defaults.cleanup_policy.as_ref()) {
+                if let Some(p) = spec
+                    .cleanup_policy
+                    .as_ref()
+                    .or(self.defaults.cleanup_policy.as_ref())
+                {
                     if p != "delete" && p != "compact" && p != "compact,delete" {
-                        return Err(CoreError::Config(format!("topic {name}: cleanup_policy {p:?}")));
+                        return Err(CoreError::Config(format!(
+                            "topic {name}: cleanup_policy {p:?}"
+                        )));
                     }
                     configs.insert("cleanup.policy".into(), p.clone());
                 }
@@ -99,7 +105,11 @@ pub struct Report {
 
 /// Creates missing topics and reports drift of existing ones (never alters them: changing
 /// partition counts moves keys, which is a decision for a person).
-pub async fn apply(clients: &Clients, desired: &[DesiredTopic], dry_run: bool) -> Result<Vec<Report>> {
+pub async fn apply(
+    clients: &Clients,
+    desired: &[DesiredTopic],
+    dry_run: bool,
+) -> Result<Vec<Report>> {
     let reader = clients.reader()?;
     let md = reader
         .fetch_metadata(None, Duration::from_secs(10))
@@ -116,9 +126,14 @@ pub async fn apply(clients: &Clients, desired: &[DesiredTopic], dry_run: bool) -
         let action = match existing.get(&t.name) {
             None if dry_run => Action::WouldCreate,
             None => {
-                let configs: Vec<(&str, &str)> =
-                    t.configs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                clients.ensure_topic(&t.name, t.partitions, &configs).await?;
+                let configs: Vec<(&str, &str)> = t
+                    .configs
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                clients
+                    .ensure_topic(&t.name, t.partitions, &configs)
+                    .await?;
                 Action::Created
             }
             Some(&n) => {
@@ -187,10 +202,16 @@ mod tests {
         assert_eq!(d.len(), 2);
         let raw = d.iter().find(|t| t.name == "t1-events.raw").unwrap();
         assert_eq!(raw.partitions, 8);
-        assert_eq!(raw.configs.get("retention.ms").map(String::as_str), Some("1000"));
+        assert_eq!(
+            raw.configs.get("retention.ms").map(String::as_str),
+            Some("1000")
+        );
         let users = d.iter().find(|t| t.name == "t1-users.current").unwrap();
         assert_eq!(users.partitions, 4);
-        assert_eq!(users.configs.get("cleanup.policy").map(String::as_str), Some("compact"));
+        assert_eq!(
+            users.configs.get("cleanup.policy").map(String::as_str),
+            Some("compact")
+        );
         assert!(TopicsFile::parse("[topics.x]\nbogus = 1").is_err());
     }
 
@@ -199,8 +220,18 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/topics.toml");
         let f = TopicsFile::load(&path).unwrap();
         let names: Vec<String> = f.desired("").unwrap().into_iter().map(|t| t.name).collect();
-        for t in ["events.raw", "events.unique", "dlq.ingest", "users.current", "notify.tasks.p0", "sieve.control"] {
-            assert!(names.iter().any(|n| n == t), "{t} missing from deploy/topics.toml");
+        for t in [
+            "events.raw",
+            "events.unique",
+            "dlq.ingest",
+            "users.current",
+            "notify.tasks.p0",
+            "sieve.control",
+        ] {
+            assert!(
+                names.iter().any(|n| n == t),
+                "{t} missing from deploy/topics.toml"
+            );
         }
     }
 }

@@ -31,7 +31,11 @@ pub struct DedupArgs {
     #[arg(long, env = "SIEVE_DEDUP_BUCKETS", default_value_t = 24)]
     pub buckets: u32,
     /// Header holding the idempotency key (set by ingest from `Idempotency-Key`).
-    #[arg(long, env = "SIEVE_DEDUP_KEY_HEADER", default_value = "idempotency-key")]
+    #[arg(
+        long,
+        env = "SIEVE_DEDUP_KEY_HEADER",
+        default_value = "idempotency-key"
+    )]
     pub key_header: String,
     /// JSON pointer of the key in the payload, used when the header is absent (e.g. /id).
     #[arg(long, env = "SIEVE_DEDUP_KEY_POINTER")]

@@ -40,7 +40,12 @@ impl OperatorFactory for DedupFactory {
         vec![self.cfg.output.clone(), self.cfg.dlq.clone()]
     }
 
-    fn open(&self, _topic: &str, partition: i32, store: &PartitionStore) -> sieve_core::Result<Dedup> {
+    fn open(
+        &self,
+        _topic: &str,
+        partition: i32,
+        store: &PartitionStore,
+    ) -> sieve_core::Result<Dedup> {
         Dedup::open(self.cfg.clone(), partition, store)
     }
 }

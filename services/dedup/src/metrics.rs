@@ -14,15 +14,37 @@ pub const BLOOM_REBUILDS: &str = "sieve_dedup_bloom_rebuilds_total";
 
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, Unit};
-    describe_counter!(DUPLICATES, "Records dropped as exact retries (same key, same payload) inside the TTL.");
-    describe_counter!(UNIQUE, "Records passed on as the first of their key inside the TTL.");
+    describe_counter!(
+        DUPLICATES,
+        "Records dropped as exact retries (same key, same payload) inside the TTL."
+    );
+    describe_counter!(
+        UNIQUE,
+        "Records passed on as the first of their key inside the TTL."
+    );
     describe_counter!(DEAD_LETTERS, "Records sent to the DLQ, by reason (idempotency_conflict, missing_idempotency_key, key_too_long, bad_json).");
-    describe_counter!(BLOOM_NEGATIVES, "Lookups answered by the Bloom filters alone: RocksDB reads skipped.");
-    describe_counter!(BLOOM_MAYBES, "Lookups where a Bloom filter said maybe and RocksDB was read.");
+    describe_counter!(
+        BLOOM_NEGATIVES,
+        "Lookups answered by the Bloom filters alone: RocksDB reads skipped."
+    );
+    describe_counter!(
+        BLOOM_MAYBES,
+        "Lookups where a Bloom filter said maybe and RocksDB was read."
+    );
     describe_counter!(BLOOM_FALSE_POSITIVES, "Bloom maybes that RocksDB refuted.");
     describe_gauge!(KEYS, "Keys remembered in the TTL window, by partition.");
-    describe_gauge!(BYTES, Unit::Bytes, "Bytes of keys and hashes remembered, by partition.");
+    describe_gauge!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes of keys and hashes remembered, by partition."
+    );
     describe_gauge!(BUCKETS, "Live time buckets, by partition.");
-    describe_counter!(BUCKET_DROPS, "Time buckets dropped whole after the TTL passed.");
-    describe_counter!(BLOOM_REBUILDS, "Bloom filters rebuilt from RocksDB at open (after a crash or a restore).");
+    describe_counter!(
+        BUCKET_DROPS,
+        "Time buckets dropped whole after the TTL passed."
+    );
+    describe_counter!(
+        BLOOM_REBUILDS,
+        "Bloom filters rebuilt from RocksDB at open (after a crash or a restore)."
+    );
 }

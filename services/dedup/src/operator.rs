@@ -52,7 +52,10 @@ impl KeyError {
 }
 
 /// The idempotency key of a record: the header, else the JSON pointer into the payload.
-pub fn idempotency_key(rec: &OwnedMessage, cfg: &DedupArgs) -> std::result::Result<Vec<u8>, KeyError> {
+pub fn idempotency_key(
+    rec: &OwnedMessage,
+    cfg: &DedupArgs,
+) -> std::result::Result<Vec<u8>, KeyError> {
     let key = match (header(rec, &cfg.key_header), &cfg.key_pointer) {
         (Some(k), _) if !k.is_empty() => k.to_vec(),
         (_, Some(pointer)) => jsonkey::extract(rec.payload().unwrap_or_default(), pointer)?,
@@ -107,7 +110,9 @@ impl Dedup {
         }
         let mut buckets = BTreeMap::new();
         for name in store.buckets() {
-            let Ok(id) = name.parse::<i64>() else { continue };
+            let Ok(id) = name.parse::<i64>() else {
+                continue;
+            };
             let (mut keys, mut bytes) = (0u64, 0u64);
             let saved_bloom = saved.remove(&id);
             let rebuild = saved_bloom.is_none();
@@ -136,10 +141,7 @@ impl Dedup {
 
     fn record_time(&self, rec: &OwnedMessage) -> i64 {
         match self.cfg.time {
-            TimeSource::Event => rec
-                .timestamp()
-                .to_millis()
-                .unwrap_or(self.watermark.max(0)),
+            TimeSource::Event => rec.timestamp().to_millis().unwrap_or(self.watermark.max(0)),
             TimeSource::Processing => SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
@@ -246,7 +248,8 @@ impl Operator for Dedup {
 
     fn flush(&mut self, ctx: &mut Ctx<'_>, closing: bool) -> Result<()> {
         if closing {
-            let blooms: BTreeMap<i64, &KeyBloom> = self.buckets.iter().map(|(b, k)| (*b, &k.bloom)).collect();
+            let blooms: BTreeMap<i64, &KeyBloom> =
+                self.buckets.iter().map(|(b, k)| (*b, &k.bloom)).collect();
             ctx.put_local(BLOOMS_LOCAL_KEY, sieve_core::bloom::encode(&blooms)?);
             ctx.put_local(BLOOMS_CLEAN_KEY, vec![1]);
         } else if self.snapshot_valid_on_disk {
@@ -263,4 +266,3 @@ impl Operator for Dedup {
         Ok(())
     }
 }
-

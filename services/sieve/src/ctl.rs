@@ -18,11 +18,18 @@ use sieve_core::topics::{self, Action, TopicsFile};
 
 use crate::gen::{self, EventKind, EventSpec, UsersSpec};
 
-pub fn topics_apply(kafka: KafkaArgs, file: &Path, prefix: &str, dry_run: bool) -> anyhow::Result<ExitCode> {
+pub fn topics_apply(
+    kafka: KafkaArgs,
+    file: &Path,
+    prefix: &str,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
     let desired = TopicsFile::load(file)?.desired(prefix)?;
     let clients = Clients::new(kafka);
     clients.check_reachable()?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let reports = rt
         .block_on(topics::apply(&clients, &desired, dry_run))
         .context("applying topics")?;
@@ -42,7 +49,11 @@ pub fn topics_apply(kafka: KafkaArgs, file: &Path, prefix: &str, dry_run: bool) 
     }
     // Drift is reported, never "fixed" (changing partitions moves keys): exit 3 lets
     // scripts notice.
-    Ok(if drifted > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    Ok(if drifted > 0 {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn print_events(spec: EventSpec) -> anyhow::Result<ExitCode> {
@@ -79,7 +90,10 @@ pub fn produce_events(kafka: KafkaArgs, topic: &str, spec: EventSpec) -> anyhow:
     }
     settle(&mut pending)?;
     let secs = started.elapsed().as_secs_f64();
-    eprintln!("produced {n} events to {topic} in {secs:.1}s ({:.0}/s)", n as f64 / secs.max(1e-9));
+    eprintln!(
+        "produced {n} events to {topic} in {secs:.1}s ({:.0}/s)",
+        n as f64 / secs.max(1e-9)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -95,7 +109,11 @@ fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Resul
 }
 
 /// (low, high) watermarks of every partition of `topic`.
-fn watermarks(clients: &Clients, reader: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+fn watermarks(
+    clients: &Clients,
+    reader: &BaseConsumer,
+    topic: &str,
+) -> anyhow::Result<Vec<(i32, i64, i64)>> {
     let n = clients.partition_count(reader, topic)?;
     (0..n)
         .map(|p| {
@@ -118,16 +136,29 @@ pub fn count(kafka: KafkaArgs, topic: &str, distinct_keys: bool) -> anyhow::Resu
     }
     let mut keys: HashSet<Vec<u8>> = HashSet::new();
     for (p, lo, hi) in marks {
-        sieve_core::changelog::read_range(&reader, topic, p, lo, hi, Duration::from_secs(30), |m| {
-            keys.insert(m.key().unwrap_or_default().to_vec());
-            Ok(())
-        })?;
+        sieve_core::changelog::read_range(
+            &reader,
+            topic,
+            p,
+            lo,
+            hi,
+            Duration::from_secs(30),
+            |m| {
+                keys.insert(m.key().unwrap_or_default().to_vec());
+                Ok(())
+            },
+        )?;
     }
     println!("{}", keys.len());
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn lag(kafka: KafkaArgs, group: &str, topic: &str, total_only: bool) -> anyhow::Result<ExitCode> {
+pub fn lag(
+    kafka: KafkaArgs,
+    group: &str,
+    topic: &str,
+    total_only: bool,
+) -> anyhow::Result<ExitCode> {
     let clients = Clients::new(kafka);
     clients.check_reachable()?;
     let reader = clients.reader()?;
@@ -156,12 +187,18 @@ pub fn lag(kafka: KafkaArgs, group: &str, topic: &str, total_only: bool) -> anyh
         println!("{total}");
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<40} {:>9} {:>12} {:>12} {:>10}", "TOPIC", "PARTITION", "COMMITTED", "END", "LAG");
+    println!(
+        "{:<40} {:>9} {:>12} {:>12} {:>10}",
+        "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"
+    );
     for (p, c, hi, lag) in rows {
         let c = c.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
         println!("{topic:<40} {p:>9} {c:>12} {hi:>12} {lag:>10}");
     }
-    println!("{:<40} {:>9} {:>12} {:>12} {total:>10}", "TOTAL", "", "", "");
+    println!(
+        "{:<40} {:>9} {:>12} {:>12} {total:>10}",
+        "TOTAL", "", "", ""
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -179,21 +216,35 @@ pub fn summarise_events(spec: EventSpec) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes one side of the users data set as NDJSON or one JSON array.
-pub fn write_users(spec: &UsersSpec, legacy: bool, array: bool, out: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub fn write_users(
+    spec: &UsersSpec,
+    legacy: bool,
+    array: bool,
+    out: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
     let sink: Box<dyn Write> = match out {
-        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("create {}", p.display()))?),
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("create {}", p.display()))?)
+        }
         None => Box::new(std::io::stdout().lock()),
     };
     let mut w = std::io::BufWriter::with_capacity(1 << 20, sink);
-    let records: Box<dyn Iterator<Item = (String, Vec<u8>)>> =
-        if legacy { Box::new(spec.legacy()) } else { Box::new(spec.current()) };
+    let records: Box<dyn Iterator<Item = (String, Vec<u8>)>> = if legacy {
+        Box::new(spec.legacy())
+    } else {
+        Box::new(spec.current())
+    };
     write_json_records(&mut w, records.map(|(_, r)| r), array)?;
     w.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// NDJSON, or a JSON array with one record per line.
-pub fn write_json_records(w: &mut dyn Write, records: impl Iterator<Item = Vec<u8>>, array: bool) -> std::io::Result<()> {
+pub fn write_json_records(
+    w: &mut dyn Write,
+    records: impl Iterator<Item = Vec<u8>>,
+    array: bool,
+) -> std::io::Result<()> {
     if array {
         w.write_all(b"[\n")?;
     }

@@ -57,7 +57,11 @@ pub fn events(spec: EventSpec) -> impl Iterator<Item = Event> {
             (next_id - 1 - back, 0, EventKind::Retry)
         } else if next_id > 0 && roll < spec.retry_rate + spec.conflict_rate {
             let back = rng.random_range(0..next_id.min(1000));
-            (next_id - 1 - back, 1 + rng.random_range(0..1_000_000u64), EventKind::Conflict)
+            (
+                next_id - 1 - back,
+                1 + rng.random_range(0..1_000_000u64),
+                EventKind::Conflict,
+            )
         } else {
             next_id += 1;
             (next_id - 1, 0, EventKind::New)
@@ -210,7 +214,11 @@ mod tests {
         assert!((4_000..6_000).contains(&guests), "guests {guests}");
         let current: std::collections::HashSet<String> = spec.current().map(|(id, _)| id).collect();
         assert!(current.contains(GUEST));
-        assert!((6_000..10_000).contains(&current.len()), "current {}", current.len());
+        assert!(
+            (6_000..10_000).contains(&current.len()),
+            "current {}",
+            current.len()
+        );
         for (id, _) in &legacy {
             assert_eq!(spec.is_current(id), current.contains(id));
         }

@@ -10,7 +10,11 @@ use sieve_core::config::{KafkaArgs, LogFormat, ServiceArgs};
 use sieve_dedup::DedupArgs;
 
 #[derive(Debug, Parser)]
-#[command(name = "sieve", version, about = "Kafka-native ingest, dedup, anti-join and notification fan-out")]
+#[command(
+    name = "sieve",
+    version,
+    about = "Kafka-native ingest, dedup, anti-join and notification fan-out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -163,24 +167,57 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Dedup { dedup, kafka, service } => {
+        Command::Dedup {
+            dedup,
+            kafka,
+            service,
+        } => {
             sieve_dedup::run(&kafka, &service, dedup)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Antijoin { command: AntijoinCmd::Files(args) } => {
+        Command::Antijoin {
+            command: AntijoinCmd::Files(args),
+        } => {
             let summary = sieve_antijoin::files::run(&args)?;
             summary.print(&mut std::io::stderr())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl { command } => match command {
-            Ctl::Topics { command: TopicsCmd::Apply { kafka, file, prefix, dry_run } } => {
-                ctl::topics_apply(kafka, &file, &prefix, dry_run)
-            }
-            Ctl::Topics { command: TopicsCmd::Count { kafka, topic, distinct_keys } } => {
-                ctl::count(kafka, &topic, distinct_keys)
-            }
-            Ctl::Lag { kafka, group, topic, total } => ctl::lag(kafka, &group, &topic, total),
-            Ctl::Gen { command: GenCmd::Events { count, retry_rate, conflict_rate, seed, topic, summary, kafka } } => {
+            Ctl::Topics {
+                command:
+                    TopicsCmd::Apply {
+                        kafka,
+                        file,
+                        prefix,
+                        dry_run,
+                    },
+            } => ctl::topics_apply(kafka, &file, &prefix, dry_run),
+            Ctl::Topics {
+                command:
+                    TopicsCmd::Count {
+                        kafka,
+                        topic,
+                        distinct_keys,
+                    },
+            } => ctl::count(kafka, &topic, distinct_keys),
+            Ctl::Lag {
+                kafka,
+                group,
+                topic,
+                total,
+            } => ctl::lag(kafka, &group, &topic, total),
+            Ctl::Gen {
+                command:
+                    GenCmd::Events {
+                        count,
+                        retry_rate,
+                        conflict_rate,
+                        seed,
+                        topic,
+                        summary,
+                        kafka,
+                    },
+            } => {
                 let spec = EventSpec {
                     count,
                     retry_rate,
@@ -188,17 +225,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     seed,
                     ..Default::default()
                 };
-                return match (topic, summary) {
+                match (topic, summary) {
                     (_, true) => ctl::summarise_events(spec),
                     (Some(t), false) => ctl::produce_events(kafka, &t, spec),
                     (None, false) => ctl::print_events(spec),
-                };
+                }
             }
-            Ctl::Gen { command: GenCmd::Users { side, legacy, ids, guest_share, current_share, seed, array, out } } => {
-                let spec = UsersSpec { legacy, ids, guest_share, current_share, seed };
+            Ctl::Gen {
+                command:
+                    GenCmd::Users {
+                        side,
+                        legacy,
+                        ids,
+                        guest_share,
+                        current_share,
+                        seed,
+                        array,
+                        out,
+                    },
+            } => {
+                let spec = UsersSpec {
+                    legacy,
+                    ids,
+                    guest_share,
+                    current_share,
+                    seed,
+                };
                 ctl::write_users(&spec, side == "legacy", array, out.as_deref())
             }
         },
     }
 }
-

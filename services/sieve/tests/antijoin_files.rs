@@ -12,10 +12,18 @@ use sieve::gen::UsersSpec;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
-fn write(path: &Path, records: impl Iterator<Item = Vec<u8>>, array: bool, gzip: bool) -> Result<()> {
+fn write(
+    path: &Path,
+    records: impl Iterator<Item = Vec<u8>>,
+    array: bool,
+    gzip: bool,
+) -> Result<()> {
     let file = std::fs::File::create(path)?;
     if gzip {
-        let mut w = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
+        let mut w = flate2::write::GzEncoder::new(
+            std::io::BufWriter::new(file),
+            flate2::Compression::fast(),
+        );
         write_json_records(&mut w, records, array)?;
         w.finish()?.flush()?;
     } else {
@@ -36,7 +44,11 @@ fn antijoin(args: &[&str]) -> Result<(String, u64)> {
         .output()
         .context("running sieve antijoin files")?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(out.status.success(), "exit {:?}: {stderr}", out.status.code());
+    ensure!(
+        out.status.success(),
+        "exit {:?}: {stderr}",
+        out.status.code()
+    );
     Ok((stderr, children_peak_rss()))
 }
 
@@ -59,16 +71,48 @@ fn ndjson_left_and_gzipped_array_right_give_exactly_the_missing_records() -> Res
         ids: 40_000,
         ..Default::default()
     };
-    let (left, right, out) = (dir.path().join("legacy.ndjson"), dir.path().join("current.json.gz"), dir.path().join("missing.ndjson"));
+    let (left, right, out) = (
+        dir.path().join("legacy.ndjson"),
+        dir.path().join("current.json.gz"),
+        dir.path().join("missing.ndjson"),
+    );
     write(&left, spec.legacy().map(|(_, r)| r), false, false)?;
     write(&right, spec.current().map(|(_, r)| r), true, true)?;
-    let (stderr, _) = antijoin(&["--left", left.to_str().unwrap_or_default(), "--right", right.to_str().unwrap_or_default(), "--out", out.to_str().unwrap_or_default()])?;
+    let (stderr, _) = antijoin(&[
+        "--left",
+        left.to_str().unwrap_or_default(),
+        "--right",
+        right.to_str().unwrap_or_default(),
+        "--out",
+        out.to_str().unwrap_or_default(),
+    ])?;
 
-    let expected: Vec<Vec<u8>> = spec.legacy().filter(|(id, _)| !spec.is_current(id)).map(|(_, r)| r).collect();
-    let got: Vec<Vec<u8>> = std::fs::read(&out)?.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
-    ensure!(got.len() == expected.len(), "{} records, expected {}", got.len(), expected.len());
-    ensure!(got == expected, "output differs from the expected records in input order");
-    ensure!(stderr.contains(&format!("emitted {:>14}", expected.len())), "summary: {stderr}");
+    let expected: Vec<Vec<u8>> = spec
+        .legacy()
+        .filter(|(id, _)| !spec.is_current(id))
+        .map(|(_, r)| r)
+        .collect();
+    let got: Vec<Vec<u8>> = std::fs::read(&out)?
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    ensure!(
+        got.len() == expected.len(),
+        "{} records, expected {}",
+        got.len(),
+        expected.len()
+    );
+    ensure!(
+        got == expected,
+        "output differs from the expected records in input order"
+    );
+    let emitted = stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with("emitted"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse::<usize>().ok());
+    ensure!(emitted == Some(expected.len()), "summary: {stderr}");
     Ok(())
 }
 
@@ -81,10 +125,22 @@ fn keys_only_counts_distinct_missing_keys_from_an_array_left() -> Result<()> {
         guest_share: 0.2,
         ..Default::default()
     };
-    let (left, right, out) = (dir.path().join("legacy.json"), dir.path().join("current.ndjson"), dir.path().join("keys.ndjson"));
+    let (left, right, out) = (
+        dir.path().join("legacy.json"),
+        dir.path().join("current.ndjson"),
+        dir.path().join("keys.ndjson"),
+    );
     write(&left, spec.legacy().map(|(_, r)| r), true, false)?;
     write(&right, spec.current().map(|(_, r)| r), false, false)?;
-    antijoin(&["--left", left.to_str().unwrap_or_default(), "--right", right.to_str().unwrap_or_default(), "--out", out.to_str().unwrap_or_default(), "--keys-only"])?;
+    antijoin(&[
+        "--left",
+        left.to_str().unwrap_or_default(),
+        "--right",
+        right.to_str().unwrap_or_default(),
+        "--out",
+        out.to_str().unwrap_or_default(),
+        "--keys-only",
+    ])?;
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
     for (id, _) in spec.legacy().filter(|(id, _)| !spec.is_current(id)) {
         *expected.entry(id).or_default() += 1;
@@ -98,16 +154,22 @@ fn keys_only_counts_distinct_missing_keys_from_an_array_left() -> Result<()> {
         got.insert(k, v["count"].as_u64().unwrap_or(0));
     }
     ensure!(got == expected, "key counts differ");
-    ensure!(order.windows(2).all(|w| w[0] < w[1]), "keys not sorted and distinct");
-    ensure!(!got.contains_key("guest"), "the hot key has a match and must not appear");
+    ensure!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "keys not sorted and distinct"
+    );
+    ensure!(
+        !got.contains_key("guest"),
+        "the hot key has a match and must not appear"
+    );
     Ok(())
 }
 
 #[test]
 fn left_input_twenty_times_the_budget_keeps_memory_bounded() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let budget_mb = 16u64;
-    // ~2.9 M records of ~115 B: about 21x the budget; the right side (1 M ids, ~50 MB as a
+    let budget_mb = 12u64;
+    // ~2.9 M records of ~110 B: about 25x the budget; the right side (1 M ids, ~50 MB as a
     // hash set) does not fit either, so it moves to RocksDB + Bloom.
     let spec = UsersSpec {
         legacy: 2_900_000,
@@ -115,24 +177,51 @@ fn left_input_twenty_times_the_budget_keeps_memory_bounded() -> Result<()> {
         current_share: 0.5,
         ..Default::default()
     };
-    let (left, right, out) = (dir.path().join("legacy.ndjson"), dir.path().join("current.ndjson"), dir.path().join("missing.ndjson"));
+    let (left, right, out) = (
+        dir.path().join("legacy.ndjson"),
+        dir.path().join("current.ndjson"),
+        dir.path().join("missing.ndjson"),
+    );
     write(&left, spec.legacy().map(|(_, r)| r), false, false)?;
     write(&right, spec.current().map(|(_, r)| r), false, false)?;
     let left_bytes = std::fs::metadata(&left)?.len();
-    ensure!(left_bytes > 20 * (budget_mb << 20), "left input only {left_bytes} bytes");
+    ensure!(
+        left_bytes > 20 * (budget_mb << 20),
+        "left input only {left_bytes} bytes"
+    );
     let (stderr, peak) = antijoin(&[
-        "--left", left.to_str().unwrap_or_default(), "--right", right.to_str().unwrap_or_default(),
-        "--out", out.to_str().unwrap_or_default(), "--memory-budget-mb", &budget_mb.to_string(),
-        "--spill-dir", dir.path().to_str().unwrap_or_default(),
+        "--left",
+        left.to_str().unwrap_or_default(),
+        "--right",
+        right.to_str().unwrap_or_default(),
+        "--out",
+        out.to_str().unwrap_or_default(),
+        "--memory-budget-mb",
+        &budget_mb.to_string(),
+        "--spill-dir",
+        dir.path().to_str().unwrap_or_default(),
     ])?;
-    ensure!(stderr.contains("rocksdb+bloom"), "right side did not spill: {stderr}");
+    ensure!(
+        stderr.contains("rocksdb+bloom"),
+        "right side did not spill: {stderr}"
+    );
     let expected = spec.legacy().filter(|(id, _)| !spec.is_current(id)).count();
     let got = std::fs::read(&out)?.iter().filter(|b| **b == b'\n').count();
     ensure!(got == expected, "{got} records, expected {expected}");
     // The budget bounds state; threads' batches, RocksDB memtables and the binary add a
     // fixed overhead that does not grow with the input.
     let bound = (budget_mb + 80) << 20;
-    ensure!(peak < bound, "peak RSS {} MiB above {} MiB for a {} MiB left input", peak >> 20, bound >> 20, left_bytes >> 20);
-    eprintln!("peak RSS {} MiB for a {} MiB left input, budget {budget_mb} MiB", peak >> 20, left_bytes >> 20);
+    ensure!(
+        peak < bound,
+        "peak RSS {} MiB above {} MiB for a {} MiB left input",
+        peak >> 20,
+        bound >> 20,
+        left_bytes >> 20
+    );
+    eprintln!(
+        "peak RSS {} MiB for a {} MiB left input, budget {budget_mb} MiB",
+        peak >> 20,
+        left_bytes >> 20
+    );
     Ok(())
 }

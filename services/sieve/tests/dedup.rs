@@ -41,9 +41,21 @@ impl Setup {
     fn spawn(&self, extra: &[&str], env: &[(&str, &str)]) -> Result<Service> {
         let state = self.dir.path().join("state").display().to_string();
         let mut args: Vec<String> = [
-            "dedup", "--input", &self.raw, "--output", &self.uniq, "--dlq", &self.dlq,
-            "--brokers", &self.broker.addr(), "--group", &self.group, "--state-dir", &state,
-            "-X", "session.timeout.ms=6000",
+            "dedup",
+            "--input",
+            &self.raw,
+            "--output",
+            &self.uniq,
+            "--dlq",
+            &self.dlq,
+            "--brokers",
+            &self.broker.addr(),
+            "--group",
+            &self.group,
+            "--state-dir",
+            &state,
+            "-X",
+            "session.timeout.ms=6000",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -67,7 +79,7 @@ impl Setup {
 
     fn wait_for_outputs(&self, svc: &mut Service, unique: i64, dlq: i64) -> Result<()> {
         let mut exited = None;
-        wait_for("dedup outputs", Duration::from_secs(180), || {
+        wait_for("dedup outputs", Duration::from_secs(300), || {
             if let Some(code) = svc.exited() {
                 exited = Some(code);
                 return Some(());
@@ -76,7 +88,11 @@ impl Setup {
             let d = self.broker.count(&self.dlq).ok()?;
             (u >= unique && d >= dlq).then_some(())
         })?;
-        ensure!(exited.is_none(), "dedup exited with {exited:?}:\n{}", svc.logs());
+        ensure!(
+            exited.is_none(),
+            "dedup exited with {exited:?}:\n{}",
+            svc.logs()
+        );
         Ok(())
     }
 
@@ -110,24 +126,45 @@ impl Setup {
         let mut expected: BTreeMap<i32, Vec<Vec<u8>>> = BTreeMap::new();
         for m in &input {
             if kinds[&(m.partition(), m.offset())] == EventKind::New {
-                expected.entry(m.partition()).or_default().push(m.key().unwrap_or_default().to_vec());
+                expected
+                    .entry(m.partition())
+                    .or_default()
+                    .push(m.key().unwrap_or_default().to_vec());
             }
         }
         let mut got: BTreeMap<i32, Vec<Vec<u8>>> = BTreeMap::new();
         for m in self.broker.read_all(&self.uniq)? {
-            got.entry(m.partition()).or_default().push(m.key().unwrap_or_default().to_vec());
+            got.entry(m.partition())
+                .or_default()
+                .push(m.key().unwrap_or_default().to_vec());
         }
         let want_unique = events.iter().filter(|e| e.kind == EventKind::New).count();
         let got_unique: usize = got.values().map(Vec::len).sum();
-        ensure!(got_unique == want_unique, "unique output {got_unique}, expected {want_unique}");
-        ensure!(got == expected, "unique output differs from the first occurrences in input order");
+        ensure!(
+            got_unique == want_unique,
+            "unique output {got_unique}, expected {want_unique}"
+        );
+        ensure!(
+            got == expected,
+            "unique output differs from the first occurrences in input order"
+        );
         let dlq = self.broker.read_all(&self.dlq)?;
-        let conflicts = events.iter().filter(|e| e.kind == EventKind::Conflict).count();
-        ensure!(dlq.len() == conflicts, "dlq {} records, expected {conflicts} conflicts", dlq.len());
+        let conflicts = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Conflict)
+            .count();
+        ensure!(
+            dlq.len() == conflicts,
+            "dlq {} records, expected {conflicts} conflicts",
+            dlq.len()
+        );
         for m in &dlq {
             ensure!(header_str(m, "sieve-dlq-reason").as_deref() == Some("idempotency_conflict"));
             ensure!(header_str(m, "sieve-dedup-first-hash").is_some());
-            ensure!(header_str(m, "sieve-dedup-payload-hash") != header_str(m, "sieve-dedup-first-hash"));
+            ensure!(
+                header_str(m, "sieve-dedup-payload-hash")
+                    != header_str(m, "sieve-dedup-first-hash")
+            );
             ensure!(header_str(m, "sieve-dlq-source-topic").as_deref() == Some(self.raw.as_str()));
         }
         Ok(())
@@ -147,7 +184,11 @@ fn generated(count: u64, seed: u64) -> Vec<Event> {
 
 fn expected_counts(events: &[Event]) -> (i64, i64, i64) {
     let n = |k| events.iter().filter(|e| e.kind == k).count() as i64;
-    (n(EventKind::New), n(EventKind::Retry), n(EventKind::Conflict))
+    (
+        n(EventKind::New),
+        n(EventKind::Retry),
+        n(EventKind::Conflict),
+    )
 }
 
 #[test]
@@ -159,7 +200,9 @@ fn dedup_200k_with_retries_and_conflicts_reconciles() -> Result<()> {
     let mut svc = s.spawn(&[], &[])?;
     s.wait_for_outputs(&mut svc, new, conflicts)?;
     let m = |name: &str| svc.metric(name, &[]).unwrap_or(-1.0) as i64;
-    wait_for("all input counted", Duration::from_secs(30), || (m("sieve_records_in_total") == 200_000).then_some(()))?;
+    wait_for("all input counted", Duration::from_secs(30), || {
+        (m("sieve_records_in_total") == 200_000).then_some(())
+    })?;
     let (inn, uniq, dups, dlq) = (
         m("sieve_records_in_total"),
         m("sieve_dedup_unique_total"),
@@ -196,9 +239,12 @@ fn keys_pass_again_after_the_ttl_and_buckets_are_dropped() -> Result<()> {
     let mut svc = s.spawn(&["--ttl", "2s", "--buckets", "2"], &[])?;
     s.wait_for_outputs(&mut svc, 4, 0)?;
     let drops = wait_for("bucket drops", Duration::from_secs(30), || {
-        svc.metric("sieve_dedup_bucket_drops_total", &[]).filter(|d| *d > 0.0)
+        svc.metric("sieve_dedup_bucket_drops_total", &[])
+            .filter(|d| *d > 0.0)
     })?;
-    let dups = svc.metric("sieve_dedup_duplicates_total", &[]).unwrap_or(0.0);
+    let dups = svc
+        .metric("sieve_dedup_duplicates_total", &[])
+        .unwrap_or(0.0);
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
     let keys: Vec<String> = s
         .broker
@@ -218,9 +264,13 @@ fn sigkill_mid_run_gives_exactly_once_output() -> Result<()> {
     let events = generated(60_000, 11);
     let (new, _, conflicts) = expected_counts(&events);
     s.produce(&events)?;
-    for fp in ["after_outputs_acked@2", "after_produce@4", "after_state_committed@3"] {
+    for fp in [
+        "after_outputs_acked@2",
+        "after_produce@4",
+        "after_state_committed@3",
+    ] {
         let mut svc = s.spawn(&["--batch-records", "2000"], &[("SIEVE_FAILPOINT", fp)])?;
-        wait_for(&format!("crash at {fp}"), Duration::from_secs(60), || svc.exited())?;
+        svc.wait_exit(&format!("crash at {fp}"), Duration::from_secs(120))?;
     }
     let mut svc = s.spawn(&[], &[])?;
     s.wait_for_outputs(&mut svc, new, conflicts)?;
@@ -244,7 +294,9 @@ fn deleted_state_dir_is_restored_and_decides_the_same() -> Result<()> {
     let (new, _, conflicts) = expected_counts(&events);
     let mut svc = s.spawn(&[], &[])?;
     s.wait_for_outputs(&mut svc, new, conflicts)?;
-    let restored = svc.metric("sieve_restore_records_total", &[]).unwrap_or(0.0);
+    let restored = svc
+        .metric("sieve_restore_records_total", &[])
+        .unwrap_or(0.0);
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
     ensure!(restored > 0.0, "no restore happened");
     s.check(&events)
@@ -264,10 +316,18 @@ fn bloom_filters_skip_store_reads_for_new_keys() -> Result<()> {
     s.produce(&events)?;
     let mut svc = s.spawn(&[], &[])?;
     s.wait_for_outputs(&mut svc, 50_000, 0)?;
-    let neg = svc.metric("sieve_dedup_bloom_negatives_total", &[]).unwrap_or(0.0);
-    let maybe = svc.metric("sieve_dedup_bloom_maybes_total", &[]).unwrap_or(0.0);
+    let neg = svc
+        .metric("sieve_dedup_bloom_negatives_total", &[])
+        .unwrap_or(0.0);
+    let maybe = svc
+        .metric("sieve_dedup_bloom_maybes_total", &[])
+        .unwrap_or(0.0);
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
     let skipped = neg / (neg + maybe);
-    ensure!(skipped >= 0.95, "only {:.1}% of lookups skipped RocksDB", skipped * 100.0);
+    ensure!(
+        skipped >= 0.95,
+        "only {:.1}% of lookups skipped RocksDB",
+        skipped * 100.0
+    );
     Ok(())
 }

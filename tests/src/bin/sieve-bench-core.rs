@@ -94,7 +94,10 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, n: usize) -> Resu
             }
             seen += 1;
         }
-        ensure!(started.elapsed() < Duration::from_secs(600), "raw pass-through stalled at {seen}");
+        ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "raw pass-through stalled at {seen}"
+        );
     }
     for r in futures::executor::block_on(join_all(pending)) {
         ensure!(matches!(r, Ok(Ok(_))), "raw delivery failed");
@@ -103,7 +106,13 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, n: usize) -> Resu
     Ok(started.elapsed())
 }
 
-fn core_passthrough(broker: &Broker, input: &str, output: &str, n: usize, guarantee: Guarantee) -> Result<Duration> {
+fn core_passthrough(
+    broker: &Broker,
+    input: &str,
+    output: &str,
+    n: usize,
+    guarantee: Guarantee,
+) -> Result<Duration> {
     let dir = tempfile::tempdir()?;
     let args = ServiceArgs {
         group: unique("core"),
@@ -122,32 +131,48 @@ fn core_passthrough(broker: &Broker, input: &str, output: &str, n: usize, guaran
         output: output.to_string(),
     };
     let started = Instant::now();
-    let worker = std::thread::spawn(move || runner::run(factory, &clients, &args, Health::new(), stop));
+    let worker =
+        std::thread::spawn(move || runner::run(factory, &clients, &args, Health::new(), stop));
     wait_for("core output", Duration::from_secs(600), || {
         (broker.count(output).ok()? >= n as i64).then_some(())
     })?;
     let elapsed = started.elapsed();
     shutdown.store(true, Ordering::SeqCst);
-    worker.join().map_err(|_| anyhow::anyhow!("runner panicked"))??;
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("runner panicked"))??;
     Ok(elapsed)
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     sieve_core::telemetry::init_logs(LogFormat::Text);
-    let engine = if args.engine == "memory" { Engine::Memory } else { Engine::Sqlite };
+    let engine = if args.engine == "memory" {
+        Engine::Memory
+    } else {
+        Engine::Sqlite
+    };
     let broker = Broker::start_with(engine)?;
     let input = unique("bench-in");
     broker.create_topic(&input, args.partitions)?;
     let value = "x".repeat(args.value_bytes);
-    broker.produce(&input, (0..args.records).map(|i| (format!("k{}", i % 10_000), value.as_bytes())))?;
+    broker.produce(
+        &input,
+        (0..args.records).map(|i| (format!("k{}", i % 10_000), value.as_bytes())),
+    )?;
     ensure!(broker.count(&input)? == args.records as i64, "input count");
 
     let mut rows = Vec::new();
     for (name, guarantee) in [
         ("raw librdkafka pass-through", None),
-        ("core pass-through, exactly-once", Some(Guarantee::ExactlyOnce)),
-        ("core pass-through, at-least-once", Some(Guarantee::AtLeastOnce)),
+        (
+            "core pass-through, exactly-once",
+            Some(Guarantee::ExactlyOnce),
+        ),
+        (
+            "core pass-through, at-least-once",
+            Some(Guarantee::AtLeastOnce),
+        ),
     ] {
         let out = unique("bench-out");
         broker.create_topic(&out, args.partitions)?;
@@ -156,7 +181,11 @@ fn main() -> Result<()> {
             Some(g) => core_passthrough(&broker, &input, &out, args.records, g)?,
         };
         let count = broker.count(&out)?;
-        ensure!(count == args.records as i64, "{name}: {count} outputs for {} inputs", args.records);
+        ensure!(
+            count == args.records as i64,
+            "{name}: {count} outputs for {} inputs",
+            args.records
+        );
         rows.push((name, args.records as f64 / elapsed.as_secs_f64()));
     }
     let raw = rows[0].1;
@@ -166,7 +195,9 @@ fn main() -> Result<()> {
         args.value_bytes,
         args.partitions,
         args.engine,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
     );
     println!("| run | records/s | ratio to raw |\n| --- | ---: | ---: |");
     for (name, rate) in &rows {

@@ -108,7 +108,8 @@ fn main() -> ExitCode {
         input: cli.input,
         output: cli.output,
     };
-    match sieve_core::service::run_processor(factory, &cli.kafka, &cli.service, axum::Router::new()) {
+    match sieve_core::service::run_processor(factory, &cli.kafka, &cli.service, axum::Router::new())
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
