@@ -31,7 +31,7 @@ echo "demo: producing $COUNT events (20% retries, 1% conflicts) to events.raw"
 "$SIEVE" ctl gen events --count "$COUNT" --topic events.raw --brokers "$BROKERS"
 
 metric() { # sum of a metric's samples from the running dedup
-  curl -s "http://$METRICS/metrics" | awk -v n="$1" '$1 ~ "^"n"({|$)" {s+=$2} END {printf "%d", s}'
+  curl -s "http://$METRICS/metrics" | awk -v n="$1" '$1 == n || index($1, n "{") == 1 {s += $2} END {printf "%d", s}'
 }
 end_offsets() { # records in a topic, from the broker's end offsets
   "$SIEVE" ctl topics count --brokers "$BROKERS" --topic "$1" 2>/dev/null || echo "?"
@@ -42,7 +42,7 @@ run_dedup() {
   DEDUP_PID=$!
 }
 
-started=$(date +%s.%N)
+started=$(date +%s%N)
 run_dedup
 until [ "$(metric sieve_records_in_total 2>/dev/null || echo 0)" -gt $((COUNT / 3)) ]; do sleep 0.2; done
 echo "demo: SIGKILL dedup after $(metric sieve_records_in_total) records (no graceful anything)"
@@ -51,7 +51,7 @@ run_dedup
 echo "demo: restarted; it resumes from its RocksDB state and checks the output tail"
 until curl -sf "http://$METRICS/readyz" >/dev/null 2>&1; do sleep 0.2; done
 until [ "$("$SIEVE" ctl lag --brokers "$BROKERS" --group demo-dedup --topic events.raw --total 2>/dev/null || echo 1)" = "0" ]; do sleep 0.5; done
-elapsed=$(echo "$(date +%s.%N) - $started" | bc)
+elapsed_ms=$(( ($(date +%s%N) - started) / 1000000 ))
 kill -TERM "$DEDUP_PID"; wait "$DEDUP_PID" 2>/dev/null || true; DEDUP_PID=""
 
 unique=$("$SIEVE" ctl topics count --brokers "$BROKERS" --topic events.unique)
@@ -60,7 +60,7 @@ distinct=$("$SIEVE" ctl topics count --brokers "$BROKERS" --topic events.unique 
 expected=$("$SIEVE" ctl gen events --count "$COUNT" --summary)
 cat <<SUMMARY
 
-  sieve dedup — $COUNT events in $(printf '%.1f' "$elapsed") s, one SIGKILL in the middle
+  sieve dedup — $COUNT events in $((elapsed_ms / 1000)).$(( (elapsed_ms % 1000) / 100 )) s, one SIGKILL in the middle
   generated:            $expected
   events.unique:        $unique records, $distinct distinct keys (each key exactly once)
   dlq.dedup:            $dlq idempotency conflicts

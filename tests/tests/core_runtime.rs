@@ -94,6 +94,9 @@ impl Setup {
             &format!("{n} output records"),
             Duration::from_secs(240),
             || {
+                if svc.restart_if_unassigned(Duration::from_secs(40)).is_err() {
+                    return None;
+                }
                 if let Some(code) = svc.exited() {
                     last_err = format!("service exited with {code}:\n{}", svc.logs());
                     return Some(());

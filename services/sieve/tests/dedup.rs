@@ -80,6 +80,9 @@ impl Setup {
     fn wait_for_outputs(&self, svc: &mut Service, unique: i64, dlq: i64) -> Result<()> {
         let mut exited = None;
         wait_for("dedup outputs", Duration::from_secs(300), || {
+            if svc.restart_if_unassigned(Duration::from_secs(40)).is_err() {
+                return None;
+            }
             if let Some(code) = svc.exited() {
                 exited = Some(code);
                 return Some(());

@@ -1,6 +1,7 @@
-//! Benchmark of the core loop against raw librdkafka on the same broker and data, in one run:
-//! raw consume→produce pass-through (the ceiling), then the core runner's pass-through with
-//! exactly-once on and off. Prints records/s and the ratio core/raw.
+//! Benchmark of the core loop and dedup against raw librdkafka on the same broker and data,
+//! in one run: raw consume→produce pass-through (the ceiling), the core runner's pass-through
+//! with exactly-once on and off, and dedup (10 % retries by default). Prints records/s and
+//! the ratio to raw, plus the Bloom filter's bits per key at 1 % FP.
 //!
 //!   cargo run -p sieve-tests --bin sieve-bench-core -- [--records N] [--engine sqlite|memory]
 
@@ -32,6 +33,9 @@ struct Args {
     /// sqlite (correct, slower) or memory (fast; valid only because counts are checked).
     #[arg(long, default_value = "sqlite")]
     engine: String,
+    /// Share of input records that repeat an earlier key with the same payload.
+    #[arg(long, default_value_t = 0.1)]
+    retry_rate: f64,
 }
 
 struct Pass(String);
@@ -106,35 +110,36 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, n: usize) -> Resu
     Ok(started.elapsed())
 }
 
-fn core_passthrough(
-    broker: &Broker,
-    input: &str,
-    output: &str,
-    n: usize,
-    guarantee: Guarantee,
-) -> Result<Duration> {
-    let dir = tempfile::tempdir()?;
-    let args = ServiceArgs {
+fn service_args(guarantee: Guarantee, dir: &std::path::Path) -> Result<ServiceArgs> {
+    Ok(ServiceArgs {
         group: unique("core"),
-        state_dir: dir.path().to_path_buf(),
+        state_dir: dir.to_path_buf(),
         metrics_addr: "127.0.0.1:0".parse()?,
         log_format: LogFormat::Text,
         guarantee,
         batch_records: 5_000,
         batch_linger_ms: 50,
-    };
+    })
+}
+
+/// Runs `factory` in-process until `output` holds `expect` records; returns the time.
+fn run_until<F: OperatorFactory>(
+    broker: &Broker,
+    factory: F,
+    output: &str,
+    expect: usize,
+    guarantee: Guarantee,
+) -> Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let args = service_args(guarantee, dir.path())?;
     let clients = broker.clients();
     let shutdown = Arc::new(AtomicBool::new(false));
     let stop = shutdown.clone();
-    let factory = PassFactory {
-        input: input.to_string(),
-        output: output.to_string(),
-    };
     let started = Instant::now();
     let worker =
         std::thread::spawn(move || runner::run(factory, &clients, &args, Health::new(), stop));
-    wait_for("core output", Duration::from_secs(600), || {
-        (broker.count(output).ok()? >= n as i64).then_some(())
+    wait_for("outputs", Duration::from_secs(900), || {
+        (broker.count(output).ok()? >= expect as i64).then_some(())
     })?;
     let elapsed = started.elapsed();
     shutdown.store(true, Ordering::SeqCst);
@@ -142,6 +147,55 @@ fn core_passthrough(
         .join()
         .map_err(|_| anyhow::anyhow!("runner panicked"))??;
     Ok(elapsed)
+}
+
+fn core_passthrough(
+    broker: &Broker,
+    input: &str,
+    output: &str,
+    n: usize,
+    guarantee: Guarantee,
+) -> Result<Duration> {
+    let factory = PassFactory {
+        input: input.to_string(),
+        output: output.to_string(),
+    };
+    run_until(broker, factory, output, n, guarantee)
+}
+
+/// Dedup's flags with their defaults, as `sieve dedup` parses them.
+#[derive(Parser)]
+struct DedupCli {
+    #[command(flatten)]
+    dedup: sieve_dedup::DedupArgs,
+}
+
+fn dedup(broker: &Broker, input: &str, output: &str, unique_n: usize) -> Result<Duration> {
+    let dlq = unique("bench-dlq");
+    broker.create_topic(&dlq, 1)?;
+    let cfg =
+        DedupCli::parse_from(["dedup", "--input", input, "--output", output, "--dlq", &dlq]).dedup;
+    run_until(
+        broker,
+        sieve_dedup::DedupFactory::new(cfg),
+        output,
+        unique_n,
+        Guarantee::ExactlyOnce,
+    )
+}
+
+/// Bits per key of a filled Bloom filter at 1 % target FP, and its measured FP rate.
+fn bloom_bits_per_key(keys: usize) -> Result<(f64, f64)> {
+    let mut b = sieve_core::bloom::KeyBloom::new(0.01, keys);
+    for i in 0..keys {
+        b.insert(format!("evt-{i:010}").as_bytes());
+    }
+    let bits = b.to_bytes()?.len() as f64 * 8.0 / keys as f64;
+    let probes = 200_000;
+    let fp = (0..probes)
+        .filter(|i| b.may_contain(format!("other-{i}").as_bytes()))
+        .count();
+    Ok((bits, fp as f64 / probes as f64))
 }
 
 fn main() -> Result<()> {
@@ -155,53 +209,86 @@ fn main() -> Result<()> {
     let broker = Broker::start_with(engine)?;
     let input = unique("bench-in");
     broker.create_topic(&input, args.partitions)?;
+    // Every record has its own idempotency key except `retry_rate` exact repeats, so the
+    // pass-through stages and dedup read the same bytes.
     let value = "x".repeat(args.value_bytes);
-    broker.produce(
+    let keys: Vec<String> = (0..args.records)
+        .map(|i| {
+            let step = |n: usize| (n as f64 * args.retry_rate).floor();
+            let repeat = i > 0 && step(i) != step(i + 1);
+            format!("evt-{:010}", if repeat { i - 1 } else { i })
+        })
+        .collect();
+    let unique_n = keys.iter().collect::<std::collections::HashSet<_>>().len();
+    broker.produce_records(
         &input,
-        (0..args.records).map(|i| (format!("k{}", i % 10_000), value.as_bytes())),
+        keys.iter().map(|k| sieve_tests::TestRecord {
+            key: k.as_bytes(),
+            value: value.as_bytes(),
+            headers: vec![("idempotency-key", k.as_bytes())],
+            timestamp_ms: None,
+        }),
     )?;
     ensure!(broker.count(&input)? == args.records as i64, "input count");
 
     let mut rows = Vec::new();
-    for (name, guarantee) in [
-        ("raw librdkafka pass-through", None),
-        (
-            "core pass-through, exactly-once",
-            Some(Guarantee::ExactlyOnce),
-        ),
-        (
-            "core pass-through, at-least-once",
-            Some(Guarantee::AtLeastOnce),
-        ),
-    ] {
+    for stage in ["raw", "core-eo", "core-alo", "dedup"] {
         let out = unique("bench-out");
         broker.create_topic(&out, args.partitions)?;
-        let elapsed = match guarantee {
-            None => raw_passthrough(&broker, &input, &out, args.records)?,
-            Some(g) => core_passthrough(&broker, &input, &out, args.records, g)?,
+        let (name, elapsed, expect) = match stage {
+            "raw" => (
+                "raw librdkafka pass-through",
+                raw_passthrough(&broker, &input, &out, args.records)?,
+                args.records,
+            ),
+            "core-eo" => (
+                "core pass-through, exactly-once",
+                core_passthrough(&broker, &input, &out, args.records, Guarantee::ExactlyOnce)?,
+                args.records,
+            ),
+            "core-alo" => (
+                "core pass-through, at-least-once",
+                core_passthrough(&broker, &input, &out, args.records, Guarantee::AtLeastOnce)?,
+                args.records,
+            ),
+            _ => (
+                "dedup, exactly-once",
+                dedup(&broker, &input, &out, unique_n)?,
+                unique_n,
+            ),
         };
         let count = broker.count(&out)?;
         ensure!(
-            count == args.records as i64,
-            "{name}: {count} outputs for {} inputs",
-            args.records
+            count == expect as i64,
+            "{name}: {count} outputs, expected {expect}"
         );
+        // Rates count input records consumed, so a stage that drops records compares fairly.
         rows.push((name, args.records as f64 / elapsed.as_secs_f64()));
+        eprintln!(
+            "{name}: {:.0} records/s",
+            args.records as f64 / elapsed.as_secs_f64()
+        );
     }
     let raw = rows[0].1;
     println!(
-        "\n{} records x {} B, {} partitions, {} engine, {} cores\n",
+        "\n{} records x {} B ({:.0} % retries), {} partitions, {} engine, {} cores\n",
         args.records,
         args.value_bytes,
+        args.retry_rate * 100.0,
         args.partitions,
         args.engine,
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    println!("| run | records/s | ratio to raw |\n| --- | ---: | ---: |");
+    println!("| run | input records/s | ratio to raw |\n| --- | ---: | ---: |");
     for (name, rate) in &rows {
         println!("| {name} | {rate:.0} | {:.2} |", rate / raw);
     }
+    let (bits, fp) = bloom_bits_per_key(1_000_000)?;
+    println!(
+        "\nBloom filter, 1 M keys at 1 % target: {bits:.1} bits/key, measured FP {:.2} %",
+        fp * 100.0
+    );
     Ok(())
 }
