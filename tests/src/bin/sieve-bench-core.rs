@@ -84,6 +84,10 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, n: usize) -> Resu
             if let Some(v) = m.payload() {
                 rec = rec.payload(v);
             }
+            // A real pass-through keeps the headers (here the idempotency key).
+            if let Some(h) = m.headers() {
+                rec = rec.headers(h.detach());
+            }
             loop {
                 match producer.send_result(rec) {
                     Ok(f) => {
@@ -96,6 +100,7 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, n: usize) -> Resu
                     }
                 }
             }
+            consumer.store_offset_from_message(&m)?;
             seen += 1;
         }
         ensure!(
