@@ -9,4 +9,4 @@ export SIEVE_TANSU_BIN="$(scripts/broker.sh bin)"
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
-exec cargo nextest run --workspace --no-fail-fast -j "${SIEVE_TEST_JOBS:-3}" "$@"
+exec cargo nextest run --workspace --no-fail-fast -j "${SIEVE_TEST_JOBS:-2}" "$@"

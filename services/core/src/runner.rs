@@ -443,21 +443,15 @@ impl<F: OperatorFactory> Engine<F> {
             }
             part.meta.clean = false;
             part.store.commit(&Changes::default(), &part.meta)?;
-            let cl_topic = changelog::topic_name(&self.group, &tp.0);
-            let entries = changelog::encode(&Changes::default(), &part.meta)?;
-            for (k, v) in entries {
-                pending.push(send_changelog(
-                    &self.producer,
-                    &cl_topic,
-                    tp.1,
-                    &k,
-                    v.as_deref(),
-                )?);
-            }
+            pending.extend(send_changelog_group(
+                &self.producer,
+                &self.group,
+                tp,
+                &Changes::default(),
+                &part.meta,
+            )?);
         }
-        for r in block_on(join_all(pending)) {
-            delivered(r)?;
-        }
+        settle_changelog(pending)?;
         Ok(())
     }
 
@@ -477,12 +471,8 @@ impl<F: OperatorFactory> Engine<F> {
                 );
                 continue;
             }
-            let mut last = None;
-            for r in block_on(join_all(part.pending_changelog.drain(..))) {
-                last = Some(delivered(r)?);
-            }
-            if let Some((_, off)) = last {
-                part.meta.changelog_pos = off + 1;
+            if let Some(pos) = settle_changelog(std::mem::take(&mut part.pending_changelog))? {
+                part.meta.changelog_pos = pos;
             }
             flush_operator(&mut part, true)?;
             // Outputs found by a recovery scan but not re-encountered yet keep the partition
@@ -490,20 +480,15 @@ impl<F: OperatorFactory> Engine<F> {
             part.meta.clean = part.already_written.is_empty();
             part.store.commit(&part.changes, &part.meta)?;
             if self.exactly_once() {
-                let cl_topic = changelog::topic_name(&self.group, &tp.0);
-                let mut pending = Vec::new();
-                for (k, v) in changelog::encode(&part.changes, &part.meta)? {
-                    pending.push(send_changelog(
-                        &self.producer,
-                        &cl_topic,
-                        tp.1,
-                        &k,
-                        v.as_deref(),
-                    )?);
-                }
-                for r in block_on(join_all(pending)) {
-                    let (_, off) = delivered(r)?;
-                    part.meta.changelog_pos = off + 1;
+                let pending = send_changelog_group(
+                    &self.producer,
+                    &self.group,
+                    tp,
+                    &part.changes,
+                    &part.meta,
+                )?;
+                if let Some(pos) = settle_changelog(pending)? {
+                    part.meta.changelog_pos = pos;
                 }
                 part.store.commit(&Changes::default(), &part.meta)?;
             }
@@ -586,12 +571,8 @@ impl<F: OperatorFactory> Engine<F> {
         }
         for tp in &touched {
             if let Some(part) = self.partitions.get_mut(tp) {
-                let mut last = None;
-                for r in block_on(join_all(part.pending_changelog.drain(..))) {
-                    last = Some(delivered(r)?);
-                }
-                if let Some((_, off)) = last {
-                    part.meta.changelog_pos = off + 1;
+                if let Some(pos) = settle_changelog(std::mem::take(&mut part.pending_changelog))? {
+                    part.meta.changelog_pos = pos;
                 }
             }
         }
@@ -617,16 +598,13 @@ impl<F: OperatorFactory> Engine<F> {
             part.store.commit(&part.changes, &part.meta)?;
             failpoint::hit("after_state_committed");
             if exactly_once || !part.changes.is_empty() {
-                let cl_topic = changelog::topic_name(&self.group, &tp.0);
-                for (k, v) in changelog::encode(&part.changes, &part.meta)? {
-                    part.pending_changelog.push(send_changelog(
-                        &self.producer,
-                        &cl_topic,
-                        tp.1,
-                        &k,
-                        v.as_deref(),
-                    )?);
-                }
+                part.pending_changelog = send_changelog_group(
+                    &self.producer,
+                    &self.group,
+                    tp,
+                    &part.changes,
+                    &part.meta,
+                )?;
             }
             part.changes.clear();
             commits
@@ -723,20 +701,37 @@ fn send_output(producer: &FutureProducer, out: &Output, id: &OutputId) -> Result
     enqueue(producer, rec)
 }
 
-fn send_changelog(
+/// Queues the changelog group of one batch of input partition `tp`: its changes, then its
+/// meta, to the changelog partition of the same number.
+fn send_changelog_group(
     producer: &FutureProducer,
-    topic: &str,
-    partition: i32,
-    key: &[u8],
-    value: Option<&[u8]>,
-) -> Result<DeliveryFuture> {
-    let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
-        .key(key)
-        .partition(partition);
-    if let Some(v) = value {
-        rec = rec.payload(v);
+    group: &str,
+    tp: &Tp,
+    changes: &Changes,
+    meta: &PartitionMeta,
+) -> Result<Vec<DeliveryFuture>> {
+    let topic = changelog::topic_name(group, &tp.0);
+    changelog::encode(changes, meta)?
+        .iter()
+        .map(|(k, v)| {
+            let mut rec = FutureRecord::<[u8], [u8]>::to(&topic)
+                .key(k)
+                .partition(tp.1);
+            if let Some(v) = v {
+                rec = rec.payload(v);
+            }
+            enqueue(producer, rec)
+        })
+        .collect()
+}
+
+/// Waits for changelog writes; returns the changelog position after the last one.
+fn settle_changelog(pending: Vec<DeliveryFuture>) -> Result<Option<i64>> {
+    let mut pos = None;
+    for r in block_on(join_all(pending)) {
+        pos = Some(delivered(r)?.1 + 1);
     }
-    enqueue(producer, rec)
+    Ok(pos)
 }
 
 type DeliveryOutcome = std::result::Result<
