@@ -58,7 +58,7 @@ fn describe() {
     );
     describe_gauge!(
         PAUSED_PARTITIONS,
-        "Input partitions currently paused by backpressure or priority."
+        "Input partitions paused by priority scheduling (0 for services without priorities)."
     );
     describe_gauge!(
         ASSIGNED_PARTITIONS,
