@@ -92,6 +92,9 @@ pub struct ServiceArgs {
     /// Longest wait for a batch to fill before it is processed.
     #[arg(long, env = "SIEVE_BATCH_LINGER_MS", default_value_t = 50)]
     pub batch_linger_ms: u64,
+    /// RocksDB memory of the whole process (block cache and memtables of every partition).
+    #[arg(long, env = "SIEVE_STATE_MEMORY_MB", default_value_t = 64)]
+    pub state_memory_mb: u64,
 }
 
 #[cfg(test)]

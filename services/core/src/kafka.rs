@@ -73,7 +73,11 @@ impl Clients {
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .set("queued.max.messages.kbytes", "32768")
+            // Prefetch is the consume side's in-flight budget: librdkafka's default keeps up
+            // to 100 000 messages per partition (measured: dedup RSS 63 → 180 MiB as its
+            // input grew 10x); a few batches' worth is enough to keep the loop busy.
+            .set("queued.min.messages", "10000")
+            .set("queued.max.messages.kbytes", "16384")
             .set("enable.partition.eof", "false")
             // Per-partition lag for the sieve_consumer_lag gauge.
             .set("statistics.interval.ms", "5000");

@@ -761,6 +761,7 @@ pub fn run<F: OperatorFactory>(
     shutdown: Arc<AtomicBool>,
 ) -> Result<()> {
     clients.check_reachable()?;
+    crate::store::set_memory_budget(args.state_memory_mb << 20);
     let reader = clients.reader()?;
     let inputs = factory.inputs();
     let mut output_tps = Vec::new();

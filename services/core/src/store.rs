@@ -5,7 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+use std::sync::{Mutex, OnceLock};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, WriteBufferManager, DB,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
@@ -107,6 +111,58 @@ pub fn bucket_cf(bucket: &str) -> String {
     format!("{BUCKET_PREFIX}{bucket}")
 }
 
+/// RocksDB memory shared by every store of the process: one block cache, and memtables
+/// charged to it by a write-buffer manager, so state memory is bounded by one number however
+/// many partitions (and column families) a process holds.
+struct SharedMemory {
+    cache: Cache,
+    write_buffers: WriteBufferManager,
+}
+
+static MEMORY_BUDGET: OnceLock<u64> = OnceLock::new();
+static SHARED: OnceLock<Mutex<SharedMemory>> = OnceLock::new();
+
+/// Default state memory budget of a process (block cache plus memtables).
+pub const DEFAULT_MEMORY_BUDGET: u64 = 64 << 20;
+
+/// Sets the process-wide RocksDB memory budget; the first call wins, later calls and calls
+/// after the first store opened are ignored.
+pub fn set_memory_budget(bytes: u64) {
+    let _ = MEMORY_BUDGET.set(bytes.max(8 << 20));
+}
+
+fn options() -> Options {
+    let shared = SHARED.get_or_init(|| {
+        let budget = *MEMORY_BUDGET.get_or_init(|| DEFAULT_MEMORY_BUDGET) as usize;
+        let cache = Cache::new_lru_cache(budget);
+        // Memtables may use up to half of the budget before writers flush.
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            budget / 2,
+            false,
+            cache.clone(),
+        );
+        Mutex::new(SharedMemory {
+            cache,
+            write_buffers,
+        })
+    });
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_write_buffer_size(4 << 20);
+    opts.set_max_write_buffer_number(2);
+    if let Ok(shared) = shared.lock() {
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&shared.cache);
+        // Index and filter blocks grow with the data; charge them to the bounded cache.
+        table.set_cache_index_and_filter_blocks(true);
+        opts.set_block_based_table_factory(&table);
+        opts.set_write_buffer_manager(&shared.write_buffers);
+    }
+    opts
+}
+
 pub struct PartitionStore {
     db: DB,
     path: PathBuf,
@@ -116,13 +172,7 @@ impl PartitionStore {
     /// Opens (or creates) the store at `path` with every column family it already has.
     pub fn open(path: &Path) -> Result<Self> {
         std::fs::create_dir_all(path)?;
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        // Bounded memory per partition store: a few small memtables, shared nothing else.
-        opts.set_write_buffer_size(8 << 20);
-        opts.set_max_write_buffer_number(2);
+        let opts = options();
         let mut cfs: BTreeSet<String> = DB::list_cf(&opts, path)
             .unwrap_or_default()
             .into_iter()
@@ -250,7 +300,7 @@ impl PartitionStore {
         for (cf, _, _) in changes.writes() {
             if self.db.cf_handle(cf).is_none() {
                 self.db
-                    .create_cf(cf, &Options::default())
+                    .create_cf(cf, &options())
                     .map_err(|e| store_err(&self.path, e))?;
             }
         }

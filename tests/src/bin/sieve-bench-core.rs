@@ -124,6 +124,7 @@ fn service_args(guarantee: Guarantee, dir: &std::path::Path) -> Result<ServiceAr
         guarantee,
         batch_records: 5_000,
         batch_linger_ms: 50,
+        state_memory_mb: 64,
     })
 }
 
