@@ -330,7 +330,8 @@ fn run_to_exit(args: &[&str]) -> Result<(i32, String)> {
 fn bad_configuration_fails_fast_with_one_clear_line() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let state = dir.path().display().to_string();
-    let (code, err) = run_to_exit(&[
+    // An unreachable broker, then an unknown librdkafka property.
+    let base = [
         "passthrough",
         "--brokers",
         "127.0.0.1:1",
@@ -338,11 +339,10 @@ fn bad_configuration_fails_fast_with_one_clear_line() -> Result<()> {
         "g",
         "--state-dir",
         &state,
-        "--connect-timeout-ms",
-        "1500",
         "--metrics-addr",
         "127.0.0.1:0",
-    ])?;
+    ];
+    let (code, err) = run_to_exit(&[base.as_slice(), &["--connect-timeout-ms", "1500"]].concat())?;
     assert_ne!(code, 0);
     ensure!(
         err.contains("cannot reach Kafka brokers at 127.0.0.1:1"),
@@ -353,19 +353,7 @@ fn bad_configuration_fails_fast_with_one_clear_line() -> Result<()> {
         "stderr: {err}"
     );
 
-    let (code, err) = run_to_exit(&[
-        "passthrough",
-        "--brokers",
-        "127.0.0.1:1",
-        "--group",
-        "g",
-        "--state-dir",
-        &state,
-        "-X",
-        "no.such.property=1",
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ])?;
+    let (code, err) = run_to_exit(&[base.as_slice(), &["-X", "no.such.property=1"]].concat())?;
     assert_ne!(code, 0);
     ensure!(err.contains("no.such.property"), "stderr: {err}");
     ensure!(

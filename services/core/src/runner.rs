@@ -115,6 +115,14 @@ struct Partition<O> {
 
 type Tp = (String, i32);
 
+/// The (topic, partition) pairs of a rebalance list.
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
 fn tp_key(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
 }
@@ -175,11 +183,7 @@ impl<F: OperatorFactory> ConsumerContext for RunnerContext<F> {
         let mut engine = lock(&self.engine);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let tps: Vec<Tp> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect();
+                let tps = partitions_of(tpl);
                 match engine.open_partitions(&tps) {
                     Ok(starts) => {
                         for ((t, p), off) in starts {
@@ -206,11 +210,7 @@ impl<F: OperatorFactory> ConsumerContext for RunnerContext<F> {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let lost = consumer.assignment_lost();
-                let tps: Vec<Tp> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect();
+                let tps = partitions_of(tpl);
                 let commits = engine.close_partitions(&tps, !lost);
                 match commits {
                     Ok(c) if !lost && c.count() > 0 => {

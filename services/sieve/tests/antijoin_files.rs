@@ -34,20 +34,24 @@ fn write(
     Ok(())
 }
 
-/// Runs the binary; returns stdout-independent (stderr, peak RSS of the child in bytes).
-fn antijoin(args: &[&str]) -> Result<(String, u64)> {
-    let out = Command::new(BIN)
-        .arg("antijoin")
-        .arg("files")
-        .args(args)
+/// Runs `sieve antijoin files`; returns its stderr (the summary) and its peak RSS in bytes.
+fn antijoin(left: &Path, right: &Path, out: &Path, extra: &[&str]) -> Result<(String, u64)> {
+    let run = Command::new(BIN)
+        .args(["antijoin", "files", "--left"])
+        .arg(left)
+        .arg("--right")
+        .arg(right)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
         .arg("--quiet")
         .output()
         .context("running sieve antijoin files")?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     ensure!(
-        out.status.success(),
+        run.status.success(),
         "exit {:?}: {stderr}",
-        out.status.code()
+        run.status.code()
     );
     Ok((stderr, children_peak_rss()))
 }
@@ -78,14 +82,7 @@ fn ndjson_left_and_gzipped_array_right_give_exactly_the_missing_records() -> Res
     );
     write(&left, spec.legacy().map(|(_, r)| r), false, false)?;
     write(&right, spec.current().map(|(_, r)| r), true, true)?;
-    let (stderr, _) = antijoin(&[
-        "--left",
-        left.to_str().unwrap_or_default(),
-        "--right",
-        right.to_str().unwrap_or_default(),
-        "--out",
-        out.to_str().unwrap_or_default(),
-    ])?;
+    let (stderr, _) = antijoin(&left, &right, &out, &[])?;
 
     let expected: Vec<Vec<u8>> = spec
         .legacy()
@@ -132,15 +129,7 @@ fn keys_only_counts_distinct_missing_keys_from_an_array_left() -> Result<()> {
     );
     write(&left, spec.legacy().map(|(_, r)| r), true, false)?;
     write(&right, spec.current().map(|(_, r)| r), false, false)?;
-    antijoin(&[
-        "--left",
-        left.to_str().unwrap_or_default(),
-        "--right",
-        right.to_str().unwrap_or_default(),
-        "--out",
-        out.to_str().unwrap_or_default(),
-        "--keys-only",
-    ])?;
+    antijoin(&left, &right, &out, &["--keys-only"])?;
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
     for (id, _) in spec.legacy().filter(|(id, _)| !spec.is_current(id)) {
         *expected.entry(id).or_default() += 1;
@@ -189,18 +178,17 @@ fn left_input_twenty_times_the_budget_keeps_memory_bounded() -> Result<()> {
         left_bytes > 20 * (budget_mb << 20),
         "left input only {left_bytes} bytes"
     );
-    let (stderr, peak) = antijoin(&[
-        "--left",
-        left.to_str().unwrap_or_default(),
-        "--right",
-        right.to_str().unwrap_or_default(),
-        "--out",
-        out.to_str().unwrap_or_default(),
-        "--memory-budget-mb",
-        &budget_mb.to_string(),
-        "--spill-dir",
-        dir.path().to_str().unwrap_or_default(),
-    ])?;
+    let (stderr, peak) = antijoin(
+        &left,
+        &right,
+        &out,
+        &[
+            "--memory-budget-mb",
+            &budget_mb.to_string(),
+            "--spill-dir",
+            dir.path().to_str().unwrap_or_default(),
+        ],
+    )?;
     ensure!(
         stderr.contains("rocksdb+bloom"),
         "right side did not spill: {stderr}"

@@ -25,7 +25,7 @@ fn topics_apply_creates_then_reports_up_to_date_and_drift() -> Result<()> {
     let prefix = format!("{}-", unique("t"));
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/topics.toml");
     let file = file.to_str().unwrap_or_default();
-    let apply = |extra: &[&str]| {
+    let apply = |prefix: &str, extra: &[&str]| {
         let mut args = vec![
             "ctl",
             "topics",
@@ -35,27 +35,27 @@ fn topics_apply_creates_then_reports_up_to_date_and_drift() -> Result<()> {
             "--file",
             file,
             "--prefix",
-            &prefix,
+            prefix,
         ];
         args.extend_from_slice(extra);
         sieve(&args)
     };
 
-    let (code, out) = apply(&["--dry-run"])?;
+    let (code, out) = apply(&prefix, &["--dry-run"])?;
     ensure!(code == 0 && out.contains("would create"), "{out}");
     ensure!(
         broker.end_offsets(&format!("{prefix}events.raw")).is_err(),
         "dry run created a topic"
     );
 
-    let (code, out) = apply(&[])?;
+    let (code, out) = apply(&prefix, &[])?;
     ensure!(code == 0, "{out}");
     let created = out.lines().filter(|l| l.ends_with("created")).count();
     ensure!(created >= 20, "only {created} topics created:\n{out}");
     ensure!(broker.end_offsets(&format!("{prefix}events.raw"))?.len() == 8);
     ensure!(broker.end_offsets(&format!("{prefix}sieve.control"))?.len() == 1);
 
-    let (code, out) = apply(&[])?;
+    let (code, out) = apply(&prefix, &[])?;
     ensure!(
         code == 0 && !out.contains("created") && out.contains("up to date"),
         "{out}"
@@ -64,17 +64,7 @@ fn topics_apply_creates_then_reports_up_to_date_and_drift() -> Result<()> {
     // A topic that exists with other partitions is drift: reported, exit 3, not changed.
     let other = format!("{}-", unique("d"));
     broker.create_topic(&format!("{other}events.raw"), 3)?;
-    let (code, out) = sieve(&[
-        "ctl",
-        "topics",
-        "apply",
-        "--brokers",
-        &addr,
-        "--file",
-        file,
-        "--prefix",
-        &other,
-    ])?;
+    let (code, out) = apply(&other, &[])?;
     ensure!(
         code == 3 && out.contains("DRIFT: partitions: broker 3, file 8"),
         "{code}: {out}"
