@@ -360,6 +360,9 @@ pub struct Service {
     cmd: (PathBuf, Vec<String>, Vec<(String, String)>, PathBuf),
     started: Instant,
     last_healthy: Option<Instant>,
+    /// `/metrics` of earlier lifetimes ended by `restart_if_unassigned`: their counters still
+    /// count, so reconciliations hold across a harness restart.
+    earlier_metrics: Vec<String>,
 }
 
 impl Service {
@@ -403,6 +406,7 @@ impl Service {
             cmd: spec.clone(),
             started: Instant::now(),
             last_healthy: None,
+            earlier_metrics: Vec::new(),
         })
     }
 
@@ -424,8 +428,11 @@ impl Service {
             return Ok(false);
         }
         eprintln!("harness: ready with no partitions for {stall:?}: restarting the member (local broker group stall)");
+        let mut earlier = std::mem::take(&mut self.earlier_metrics);
+        earlier.extend(self.get("/metrics").map(|(_, body)| body));
         self.kill();
         *self = Self::start(self.cmd.clone())?;
+        self.earlier_metrics = earlier;
         Ok(true)
     }
 
@@ -498,10 +505,20 @@ impl Service {
         http_get(&format!("http://127.0.0.1:{}{path}", self.metrics_port))
     }
 
-    /// Value of a metric line (first match of `name` with all `labels`), from `/metrics`.
+    /// Sum of the samples of `name` with all `labels` from `/metrics`; counters (`*_total`)
+    /// include the lifetimes ended by a harness restart.
     pub fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
         let (_, body) = self.get("/metrics")?;
-        metric_value(&body, name, labels)
+        let now = metric_value(&body, name, labels)?;
+        if !name.ends_with("_total") {
+            return Some(now);
+        }
+        let earlier: f64 = self
+            .earlier_metrics
+            .iter()
+            .filter_map(|b| metric_value(b, name, labels))
+            .sum();
+        Some(now + earlier)
     }
 }
 
