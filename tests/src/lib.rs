@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use futures::future::join_all;
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use sieve_core::config::KafkaArgs;
 use sieve_core::kafka::Clients;
@@ -245,6 +245,43 @@ impl Broker {
         }
         settle(&mut pending)?;
         Ok(n)
+    }
+
+    /// Produces keyed changes in order: a value, or a tombstone (no payload) for `None`.
+    pub fn produce_changes<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        topic: &str,
+        changes: &[(K, Option<V>)],
+    ) -> Result<usize> {
+        let producer = self.clients().producer()?;
+        let mut pending = Vec::new();
+        for (k, v) in changes {
+            let mut rec = FutureRecord::<[u8], [u8]>::to(topic).key(k.as_ref());
+            if let Some(v) = v {
+                rec = rec.payload(v.as_ref());
+            }
+            pending.push(
+                producer
+                    .send_result(rec)
+                    .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?,
+            );
+        }
+        settle(&mut pending)?;
+        Ok(changes.len())
+    }
+
+    /// A compacted topic as a reader sees it once read to the end: the latest value of
+    /// every key, keys whose latest record is a tombstone left out.
+    pub fn compacted_view(&self, topic: &str) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let mut view = BTreeMap::new();
+        for m in self.read_all(topic)? {
+            let Some(k) = m.key() else { continue };
+            match m.payload() {
+                Some(v) => view.insert(k.to_vec(), v.to_vec()),
+                None => view.remove(k),
+            };
+        }
+        Ok(view)
     }
 
     /// End offsets of every partition of `topic`.

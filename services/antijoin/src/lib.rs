@@ -1,9 +1,11 @@
 //! Anti-join: which records of A have no match in B.
 //!
-//! `files` answers it over files with memory independent of the left input's size.
+//! `files` answers it over files with memory independent of the left input's size;
+//! `stream` answers it continuously over topics.
 
 pub mod error;
 pub mod files;
 pub mod right;
+pub mod stream;
 
 pub use error::{AntijoinError, Result};

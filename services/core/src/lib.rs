@@ -15,6 +15,7 @@ pub mod kafka;
 pub mod record;
 pub mod runner;
 pub mod service;
+pub mod side;
 pub mod store;
 pub mod telemetry;
 pub mod topics;

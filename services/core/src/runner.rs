@@ -15,7 +15,7 @@
 //! partition from the stored positions to its end, collects the ids this input partition
 //! already wrote, and while re-processing produces only the missing ones.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,6 +38,7 @@ use crate::error::{CoreError, Result};
 use crate::failpoint;
 use crate::kafka::Clients;
 use crate::record::{Output, OutputId, ID_HEADER};
+use crate::side::{self, tp_key, SideReader, SideTable, Tp};
 use crate::store::{Changes, PartitionMeta, PartitionStore};
 use crate::telemetry::{names, Health};
 
@@ -52,6 +53,13 @@ pub trait Operator: Send {
     fn flush(&mut self, _ctx: &mut Ctx<'_>, _closing: bool) -> Result<()> {
         Ok(())
     }
+
+    /// Side-table records that concern this partition, after the factory's table applied
+    /// them (or, when the partition opened behind its table, again from the side topic).
+    /// Outputs made here are at-least-once and must be idempotent (see `side.rs`).
+    fn on_side(&mut self, _records: &[OwnedMessage], _ctx: &mut Ctx<'_>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Creates one operator per assigned input partition and declares the topics it uses.
@@ -63,6 +71,10 @@ pub trait OperatorFactory: Send + 'static {
     fn outputs(&self) -> Vec<String>;
     /// Opens the operator of one partition, after its state was restored.
     fn open(&self, topic: &str, partition: i32, store: &PartitionStore) -> Result<Self::Op>;
+    /// A table read from side topics by every instance for itself (see `side.rs`).
+    fn side_table(&mut self) -> Option<&mut dyn SideTable> {
+        None
+    }
 }
 
 /// What an operator sees while processing one record: its partition's state (with the
@@ -71,6 +83,7 @@ pub struct Ctx<'a> {
     store: &'a PartitionStore,
     changes: &'a mut Changes,
     outputs: &'a mut Vec<Output>,
+    recovering: bool,
 }
 
 impl Ctx<'_> {
@@ -96,6 +109,14 @@ impl Ctx<'_> {
     pub fn emit(&mut self, output: Output) {
         self.outputs.push(output)
     }
+    /// True while re-processing records whose outputs a crash may have left on the broker
+    /// without the state that explains them. An operator whose decisions depend on data
+    /// outside its partition (a side table) may decide differently now and must then undo
+    /// what the earlier attempt wrote: an output with the same id but the other kind (value
+    /// versus tombstone) is produced, an identical one is not.
+    pub fn recovering(&self) -> bool {
+        self.recovering
+    }
 }
 
 /// One assigned input partition.
@@ -104,8 +125,8 @@ struct Partition<O> {
     op: O,
     meta: PartitionMeta,
     changes: Changes,
-    /// Outputs found by the recovery scan, as (input offset, output index).
-    already_written: HashSet<(i64, u32)>,
+    /// Outputs found by the recovery scan, as (input offset, output index) → tombstone.
+    already_written: HashMap<(i64, u32), bool>,
     already_written_max: i64,
     /// Changelog writes of the last committed batch, awaited with the next batch.
     pending_changelog: Vec<DeliveryFuture>,
@@ -113,18 +134,12 @@ struct Partition<O> {
     acked: BTreeMap<String, i64>,
 }
 
-type Tp = (String, i32);
-
 /// The (topic, partition) pairs of a rebalance list.
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<Tp> {
     tpl.elements()
         .iter()
         .map(|e| (e.topic().to_string(), e.partition()))
         .collect()
-}
-
-fn tp_key(topic: &str, partition: i32) -> String {
-    format!("{topic}/{partition}")
 }
 
 struct Engine<F: OperatorFactory> {
@@ -137,6 +152,7 @@ struct Engine<F: OperatorFactory> {
     output_tps: Vec<Tp>,
     partitions: HashMap<Tp, Partition<F::Op>>,
     health: Arc<Health>,
+    side: Option<SideReader>,
     /// An error raised inside a rebalance callback, returned by the loop.
     fatal: Option<CoreError>,
 }
@@ -255,6 +271,7 @@ impl<F: OperatorFactory> Engine<F> {
 
     /// Opens, restores and recovers newly assigned partitions; returns where each starts.
     fn open_partitions(&mut self, tps: &[Tp]) -> Result<Vec<(Tp, Option<i64>)>> {
+        self.follow_side(tps)?;
         let mut opened = Vec::new();
         for tp in tps {
             if self.partitions.contains_key(tp) {
@@ -270,6 +287,7 @@ impl<F: OperatorFactory> Engine<F> {
         if self.exactly_once() {
             self.recover(&opened)?;
         }
+        self.reconcile_side(&opened)?;
         Ok(tps
             .iter()
             .map(|tp| {
@@ -345,7 +363,7 @@ impl<F: OperatorFactory> Engine<F> {
             op,
             meta,
             changes: Changes::default(),
-            already_written: HashSet::new(),
+            already_written: HashMap::new(),
             already_written_max: -1,
             pending_changelog: Vec::new(),
             acked: BTreeMap::new(),
@@ -399,7 +417,8 @@ impl<F: OperatorFactory> Engine<F> {
                                     && m.offset() >= start
                                     && id.offset >= part.meta.next_offset
                                 {
-                                    part.already_written.insert((id.offset, id.index));
+                                    part.already_written
+                                        .insert((id.offset, id.index), m.payload().is_none());
                                     part.already_written_max =
                                         part.already_written_max.max(id.offset);
                                 }
@@ -527,17 +546,22 @@ impl<F: OperatorFactory> Engine<F> {
                 continue;
             }
             *in_counts.entry(tp.0.clone()).or_default() += 1;
+            let recovering =
+                !part.already_written.is_empty() && msg.offset() <= part.already_written_max;
             let mut ctx = Ctx {
                 store: &part.store,
                 changes: &mut part.changes,
                 outputs: &mut outputs,
+                recovering,
             };
             part.op.process(&msg, &mut ctx)?;
             for (i, out) in outputs.drain(..).enumerate() {
                 let index = i as u32;
-                if part.already_written.remove(&(msg.offset(), index)) {
-                    skipped_written += 1;
-                    continue;
+                if let Some(tombstone) = part.already_written.remove(&(msg.offset(), index)) {
+                    if tombstone == out.payload.is_none() {
+                        skipped_written += 1;
+                        continue;
+                    }
                 }
                 let id = OutputId {
                     topic: tp.0.clone(),
@@ -545,7 +569,7 @@ impl<F: OperatorFactory> Engine<F> {
                     offset: msg.offset(),
                     index,
                 };
-                let fut = send_output(&self.producer, &out, &id)?;
+                let fut = send_output(&self.producer, &out, Some(&id))?;
                 futures.push(((tp.clone(), out.topic), fut));
             }
             part.meta.next_offset = msg.offset() + 1;
@@ -554,7 +578,29 @@ impl<F: OperatorFactory> Engine<F> {
             }
         }
         failpoint::hit("after_produce");
-        // Wait for every output, and for the changelog of the partitions' previous batch.
+        let commits = self.finish_batch(futures, &touched)?;
+        for (t, n) in in_counts {
+            metrics::counter!(names::RECORDS_IN, "topic" => t).increment(n);
+        }
+        if skipped_processed > 0 {
+            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_processed")
+                .increment(skipped_processed);
+        }
+        if skipped_written > 0 {
+            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_written")
+                .increment(skipped_written);
+        }
+        metrics::histogram!(names::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(commits)
+    }
+
+    /// Waits for a batch's outputs (and the touched partitions' previous changelog), then
+    /// commits each touched partition; returns the offsets to commit to the group.
+    fn finish_batch(
+        &mut self,
+        futures: Vec<((Tp, String), DeliveryFuture)>,
+        touched: &[Tp],
+    ) -> Result<TopicPartitionList> {
         let mut out_counts: HashMap<String, u64> = HashMap::new();
         let (dests, futs): (Vec<(Tp, String)>, Vec<DeliveryFuture>) = futures.into_iter().unzip();
         let results = block_on(join_all(futs));
@@ -569,7 +615,7 @@ impl<F: OperatorFactory> Engine<F> {
             }
             *out_counts.entry(out_topic).or_default() += 1;
         }
-        for tp in &touched {
+        for tp in touched {
             if let Some(part) = self.partitions.get_mut(tp) {
                 if let Some(pos) = settle_changelog(std::mem::take(&mut part.pending_changelog))? {
                     part.meta.changelog_pos = pos;
@@ -579,7 +625,7 @@ impl<F: OperatorFactory> Engine<F> {
         failpoint::hit("after_outputs_acked");
         let mut commits = TopicPartitionList::new();
         let exactly_once = self.exactly_once();
-        for tp in &touched {
+        for tp in touched {
             let Some(part) = self.partitions.get_mut(tp) else {
                 continue;
             };
@@ -607,26 +653,99 @@ impl<F: OperatorFactory> Engine<F> {
                 )?;
             }
             part.changes.clear();
-            commits
-                .add_partition_offset(&tp.0, tp.1, Offset::Offset(part.meta.next_offset))
-                .map_err(|e| CoreError::kafka("commit list", e))?;
-        }
-        for (t, n) in in_counts {
-            metrics::counter!(names::RECORDS_IN, "topic" => t).increment(n);
+            if part.meta.next_offset >= 0 {
+                commits
+                    .add_partition_offset(&tp.0, tp.1, Offset::Offset(part.meta.next_offset))
+                    .map_err(|e| CoreError::kafka("commit list", e))?;
+            }
         }
         for (t, n) in out_counts {
             metrics::counter!(names::RECORDS_OUT, "topic" => t).increment(n);
         }
-        if skipped_processed > 0 {
-            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_processed")
-                .increment(skipped_processed);
-        }
-        if skipped_written > 0 {
-            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_written")
-                .increment(skipped_written);
-        }
-        metrics::histogram!(names::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(commits)
+    }
+
+    /// In co-partitioned mode, catches up and follows the side partitions that the open
+    /// partitions and `new` ones need; in broadcast mode the side is followed from the start.
+    fn follow_side(&mut self, new: &[Tp]) -> Result<()> {
+        let (Some(side), Some(table)) = (self.side.as_mut(), self.factory.side_table()) else {
+            return Ok(());
+        };
+        let inputs = self.partitions.keys().chain(new).map(|(_, p)| *p).collect();
+        self.health.restore_started();
+        let res = side.catch_up_and_follow(&self.reader, table, &inputs);
+        self.health.restore_finished();
+        res.map(|_| ())
+    }
+
+    /// Shows each opened partition the side records between where it last saw the side and
+    /// where the table stands, then commits it. A partition with no state starts level.
+    fn reconcile_side(&mut self, opened: &[Tp]) -> Result<()> {
+        let (Some(side), Some(table)) = (self.side.as_ref(), self.factory.side_table()) else {
+            return Ok(());
+        };
+        let positions = table.positions();
+        let mut futures = Vec::new();
+        for tp in opened {
+            let Some(part) = self.partitions.get_mut(tp) else {
+                continue;
+            };
+            let fresh = part.meta.next_offset < 0;
+            for (st, sp) in side.serving(tp.1) {
+                let key = tp_key(st, *sp);
+                let Some(&to) = positions.get(&key) else {
+                    continue;
+                };
+                let from = match part.meta.side_pos.get(&key) {
+                    Some(f) => *f,
+                    None if fresh => to,
+                    None => 0,
+                };
+                if from < to {
+                    side::replay(&self.reader, st, *sp, from, to, |chunk| {
+                        metrics::counter!(names::SIDE_REPLAYED).increment(chunk.len() as u64);
+                        show_side(&self.producer, tp, part, chunk, &mut futures)
+                    })?;
+                }
+                part.meta.side_pos.insert(key, to);
+            }
+        }
+        self.finish_batch(futures, opened).map(|_| ())
+    }
+
+    /// Applies side records to the table, then shows them to every open partition they
+    /// concern; returns the offsets to commit to the group.
+    fn process_side(&mut self, records: Vec<OwnedMessage>) -> Result<TopicPartitionList> {
+        let (Some(side), Some(table)) = (self.side.as_ref(), self.factory.side_table()) else {
+            return Ok(TopicPartitionList::new());
+        };
+        table.apply(&records)?;
+        metrics::counter!(names::SIDE_RECORDS).increment(records.len() as u64);
+        let mut futures = Vec::new();
+        let mut touched = Vec::new();
+        for (tp, part) in self.partitions.iter_mut() {
+            let serving: Vec<&Tp> = side.serving(tp.1).collect();
+            let mine: Vec<OwnedMessage> = records
+                .iter()
+                .filter(|m| {
+                    serving
+                        .iter()
+                        .any(|(t, p)| m.topic() == t && m.partition() == *p)
+                })
+                .cloned()
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            for m in &mine {
+                part.meta
+                    .side_pos
+                    .insert(tp_key(m.topic(), m.partition()), m.offset() + 1);
+            }
+            show_side(&self.producer, tp, part, &mine, &mut futures)?;
+            touched.push(tp.clone());
+        }
+        self.finish_batch(futures, &touched)
     }
 
     fn update_state_gauges(&self) {
@@ -637,6 +756,30 @@ impl<F: OperatorFactory> Engine<F> {
     }
 }
 
+/// Shows side records to one partition's operator and queues what it emits (without ids:
+/// side outputs are at-least-once).
+fn show_side<O: Operator>(
+    producer: &FutureProducer,
+    tp: &Tp,
+    part: &mut Partition<O>,
+    records: &[OwnedMessage],
+    futures: &mut Vec<((Tp, String), DeliveryFuture)>,
+) -> Result<()> {
+    let mut outputs = Vec::new();
+    let mut ctx = Ctx {
+        store: &part.store,
+        changes: &mut part.changes,
+        outputs: &mut outputs,
+        recovering: false,
+    };
+    part.op.on_side(records, &mut ctx)?;
+    for out in outputs {
+        let fut = send_output(producer, &out, None)?;
+        futures.push(((tp.clone(), out.topic), fut));
+    }
+    Ok(())
+}
+
 /// Lets the operator write its caches into the partition's pending changes.
 fn flush_operator<O: Operator>(part: &mut Partition<O>, closing: bool) -> Result<()> {
     let mut outputs = Vec::new();
@@ -644,6 +787,7 @@ fn flush_operator<O: Operator>(part: &mut Partition<O>, closing: bool) -> Result
         store: &part.store,
         changes: &mut part.changes,
         outputs: &mut outputs,
+        recovering: false,
     };
     part.op.flush(&mut ctx, closing)?;
     if outputs.is_empty() {
@@ -655,18 +799,22 @@ fn flush_operator<O: Operator>(part: &mut Partition<O>, closing: bool) -> Result
     }
 }
 
-fn headers_with_id(out: &Output, id: &str) -> OwnedHeaders {
+fn headers_with_id(out: &Output, id: Option<&str>) -> OwnedHeaders {
     let mut h = OwnedHeaders::new_with_capacity(out.headers.len() + 1);
-    for (k, v) in &out.headers {
+    // An id inherited from an upstream stage would be mistaken for this stage's own.
+    for (k, v) in out.headers.iter().filter(|(k, _)| k != ID_HEADER) {
         h = h.insert(Header {
             key: k,
             value: Some(v),
         });
     }
-    h.insert(Header {
-        key: ID_HEADER,
-        value: Some(id),
-    })
+    match id {
+        Some(id) => h.insert(Header {
+            key: ID_HEADER,
+            value: Some(id),
+        }),
+        None => h,
+    }
 }
 
 /// Queues a record, waiting while librdkafka's queue is full (backpressure, not an error).
@@ -686,9 +834,14 @@ fn enqueue(
     }
 }
 
-fn send_output(producer: &FutureProducer, out: &Output, id: &OutputId) -> Result<DeliveryFuture> {
+fn send_output(
+    producer: &FutureProducer,
+    out: &Output,
+    id: Option<&OutputId>,
+) -> Result<DeliveryFuture> {
+    let id = id.map(OutputId::encode);
     let mut rec =
-        FutureRecord::<[u8], [u8]>::to(&out.topic).headers(headers_with_id(out, &id.encode()));
+        FutureRecord::<[u8], [u8]>::to(&out.topic).headers(headers_with_id(out, id.as_deref()));
     if let Some(k) = &out.key {
         rec = rec.key(k.as_slice());
     }
@@ -779,6 +932,11 @@ pub fn run<F: OperatorFactory>(
             &[("cleanup.policy", "compact"), ("retention.ms", "-1")],
         ))?;
     }
+    let mut factory = factory;
+    let side = match factory.side_table() {
+        Some(table) => Some(SideReader::new(clients, &reader, table)?),
+        None => None,
+    };
     let engine = Arc::new(Mutex::new(Engine {
         factory,
         producer: clients.producer()?,
@@ -789,8 +947,11 @@ pub fn run<F: OperatorFactory>(
         output_tps,
         partitions: HashMap::new(),
         health: health.clone(),
+        side,
         fatal: None,
     }));
+    // Broadcast side tables are loaded to their end before any input is judged.
+    lock(&engine).follow_side(&[])?;
     let consumer = clients.consumer(
         &args.group,
         RunnerContext {
@@ -832,20 +993,31 @@ pub fn run<F: OperatorFactory>(
         if let Some(e) = engine.fatal.take() {
             break Err(e);
         }
-        if batch.is_empty() {
-            continue;
+        let side_records = engine
+            .side
+            .as_ref()
+            .map(|s| s.poll(args.batch_records))
+            .unwrap_or_default();
+        let mut commits = Vec::new();
+        if !side_records.is_empty() {
+            match engine.process_side(side_records) {
+                Ok(c) => commits.push(c),
+                Err(e) => break Err(e),
+            }
         }
-        let commits = match engine.process_batch(&mut batch) {
-            Ok(c) => c,
-            Err(e) => break Err(e),
-        };
+        if !batch.is_empty() {
+            match engine.process_batch(&mut batch) {
+                Ok(c) => commits.push(c),
+                Err(e) => break Err(e),
+            }
+        }
         if last_gauges.elapsed() > Duration::from_secs(5) {
             engine.update_state_gauges();
             last_gauges = Instant::now();
         }
         drop(engine);
-        if commits.count() > 0 {
-            if let Err(e) = consumer.commit(&commits, CommitMode::Async) {
+        for c in commits.iter().filter(|c| c.count() > 0) {
+            if let Err(e) = consumer.commit(c, CommitMode::Async) {
                 tracing::debug!(error = %e, "async offset commit failed; the next one supersedes it");
             }
         }
@@ -854,6 +1026,13 @@ pub fn run<F: OperatorFactory>(
     // Graceful: close every partition (changelog flushed, clean meta), commit, leave the group.
     let tps: Vec<Tp> = lock(&engine).partitions.keys().cloned().collect();
     let closed = lock(&engine).close_partitions(&tps, result.is_ok());
+    if result.is_ok() {
+        if let Some(table) = lock(&engine).factory.side_table() {
+            if let Err(e) = table.close() {
+                tracing::warn!(error = %e, "closing the side table failed");
+            }
+        }
+    }
     if let Ok(c) = &closed {
         if c.count() > 0 {
             if let Err(e) = consumer.commit(c, CommitMode::Sync) {

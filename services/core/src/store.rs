@@ -39,6 +39,10 @@ pub struct PartitionMeta {
     /// Buckets whose drop was decided; dropped again at open if a crash interrupted it.
     #[serde(default)]
     pub drop_pending: Vec<String>,
+    /// Per side partition (`topic/partition`), the next side offset this store has seen
+    /// (see `side.rs`).
+    #[serde(default)]
+    pub side_pos: BTreeMap<String, i64>,
 }
 
 /// The net write set of one batch, with read-your-writes through `PartitionStore::get`.

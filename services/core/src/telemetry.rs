@@ -33,6 +33,9 @@ pub mod names {
     pub const ERRORS: &str = "sieve_errors_total";
     pub const READY: &str = "sieve_ready";
     pub const BLOOM_FP_RATE: &str = "sieve_bloom_false_positive_rate";
+    pub const SIDE_CATCH_UP_RECORDS: &str = "sieve_side_catch_up_records_total";
+    pub const SIDE_RECORDS: &str = "sieve_side_records_total";
+    pub const SIDE_REPLAYED: &str = "sieve_side_replayed_total";
 }
 
 fn describe() {
@@ -89,6 +92,18 @@ fn describe() {
     describe_gauge!(
         BLOOM_FP_RATE,
         "Observed Bloom filter false-positive rate (maybe answers that the store refuted)."
+    );
+    describe_counter!(
+        SIDE_CATCH_UP_RECORDS,
+        "Side-table records applied while catching up to the side topics' end (not ready meanwhile)."
+    );
+    describe_counter!(
+        SIDE_RECORDS,
+        "Side-table records applied while following the side topics."
+    );
+    describe_counter!(
+        SIDE_REPLAYED,
+        "Side records shown again to a partition that opened behind its side table."
     );
 }
 

@@ -45,6 +45,16 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum AntijoinCmd {
+    /// Over topics, continuously: the output is a compacted view of left keys without a
+    /// right match (or an append-only stream).
+    Stream {
+        #[command(flatten)]
+        stream: sieve_antijoin::stream::StreamArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
     /// Over files: streaming, multi-core, memory independent of the left input's size.
     Files(sieve_antijoin::files::FilesArgs),
 }
@@ -152,7 +162,10 @@ enum GenCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = match &cli.command {
-        Command::Dedup { service, .. } => service.log_format,
+        Command::Dedup { service, .. }
+        | Command::Antijoin {
+            command: AntijoinCmd::Stream { service, .. },
+        } => service.log_format,
         Command::Ctl { .. } | Command::Antijoin { .. } => LogFormat::Text,
     };
     sieve_core::telemetry::init_logs(format);
@@ -173,6 +186,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             service,
         } => {
             sieve_dedup::run(&kafka, &service, dedup)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Antijoin {
+            command:
+                AntijoinCmd::Stream {
+                    stream,
+                    kafka,
+                    service,
+                },
+        } => {
+            sieve_antijoin::stream::run(&kafka, &service, stream)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Antijoin {

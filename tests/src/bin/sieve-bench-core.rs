@@ -1,7 +1,8 @@
-//! Benchmark of the core loop and dedup against raw librdkafka on the same broker and data,
-//! in one run: raw consume→produce pass-through (the ceiling), the core runner's pass-through
-//! with exactly-once on and off, and dedup (10 % retries by default). Prints records/s and
-//! the ratio to raw, plus the Bloom filter's bits per key at 1 % FP.
+//! Benchmark of the core loop, dedup and the stream anti-join against raw librdkafka on the
+//! same broker and data, in one run: raw consume→produce pass-through (the ceiling), the core
+//! runner's pass-through with exactly-once on and off, dedup (10 % retries by default) and
+//! the anti-join against a right side holding every other key. Prints records/s and the
+//! ratio to raw, plus the Bloom filter's bits per key at 1 % FP.
 //!
 //!   cargo run -p sieve-tests --bin sieve-bench-core -- [--records N] [--engine sqlite|memory]
 
@@ -128,16 +129,18 @@ fn service_args(guarantee: Guarantee, dir: &std::path::Path) -> Result<ServiceAr
     })
 }
 
-/// Runs `factory` in-process until `output` holds `expect` records; returns the time.
+/// Runs the factory `make` builds in-process until `output` holds `expect` records; returns
+/// the time.
 fn run_until<F: OperatorFactory>(
     broker: &Broker,
-    factory: F,
+    make: impl FnOnce(&ServiceArgs) -> Result<F>,
     output: &str,
     expect: usize,
     guarantee: Guarantee,
 ) -> Result<Duration> {
     let dir = tempfile::tempdir()?;
     let args = service_args(guarantee, dir.path())?;
+    let factory = make(&args)?;
     let clients = broker.clients();
     let shutdown = Arc::new(AtomicBool::new(false));
     let stop = shutdown.clone();
@@ -166,7 +169,7 @@ fn core_passthrough(
         input: input.to_string(),
         output: output.to_string(),
     };
-    run_until(broker, factory, output, n, guarantee)
+    run_until(broker, |_| Ok(factory), output, n, guarantee)
 }
 
 /// Dedup's flags with their defaults, as `sieve dedup` parses them.
@@ -183,9 +186,38 @@ fn dedup(broker: &Broker, input: &str, output: &str, unique_n: usize) -> Result<
         DedupCli::parse_from(["dedup", "--input", input, "--output", output, "--dlq", &dlq]).dedup;
     run_until(
         broker,
-        sieve_dedup::DedupFactory::new(cfg),
+        |_| Ok(sieve_dedup::DedupFactory::new(cfg)),
         output,
         unique_n,
+        Guarantee::ExactlyOnce,
+    )
+}
+
+/// The stream anti-join's flags with their defaults, as `sieve antijoin stream` parses them.
+#[derive(Parser)]
+struct AntijoinCli {
+    #[command(flatten)]
+    stream: sieve_antijoin::stream::StreamArgs,
+}
+
+fn antijoin(
+    broker: &Broker,
+    left: &str,
+    right: &str,
+    output: &str,
+    expect: usize,
+) -> Result<Duration> {
+    let dlq = unique("bench-dlq");
+    broker.create_topic(&dlq, 1)?;
+    let cfg = AntijoinCli::parse_from([
+        "antijoin", "--left", left, "--right", right, "--out", output, "--dlq", &dlq,
+    ])
+    .stream;
+    run_until(
+        broker,
+        |svc| Ok(sieve_antijoin::stream::StreamFactory::open(cfg, svc)?),
+        output,
+        expect,
         Guarantee::ExactlyOnce,
     )
 }
@@ -216,8 +248,8 @@ fn main() -> Result<()> {
     let input = unique("bench-in");
     broker.create_topic(&input, args.partitions)?;
     // Every record has its own idempotency key except `retry_rate` exact repeats, so the
-    // pass-through stages and dedup read the same bytes.
-    let value = "x".repeat(args.value_bytes);
+    // pass-through stages and dedup read the same bytes. Values are JSON carrying the key
+    // (the anti-join's join key), padded to `value_bytes`.
     let keys: Vec<String> = (0..args.records)
         .map(|i| {
             let step = |n: usize| (n as f64 * args.retry_rate).floor();
@@ -226,19 +258,36 @@ fn main() -> Result<()> {
         })
         .collect();
     let unique_n = keys.iter().collect::<std::collections::HashSet<_>>().len();
+    let values: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            let v = format!(r#"{{"id":"{k}","pad":""}}"#);
+            let pad = "x".repeat(args.value_bytes.saturating_sub(v.len()));
+            format!(r#"{{"id":"{k}","pad":"{pad}"}}"#)
+        })
+        .collect();
     broker.produce_records(
         &input,
-        keys.iter().map(|k| sieve_tests::TestRecord {
-            key: k.as_bytes(),
-            value: value.as_bytes(),
-            headers: vec![("idempotency-key", k.as_bytes())],
-            timestamp_ms: None,
-        }),
+        keys.iter()
+            .zip(&values)
+            .map(|(k, v)| sieve_tests::TestRecord {
+                key: k.as_bytes(),
+                value: v.as_bytes(),
+                headers: vec![("idempotency-key", k.as_bytes())],
+                timestamp_ms: None,
+            }),
     )?;
     ensure!(broker.count(&input)? == args.records as i64, "input count");
+    // The anti-join's right side: every key with an even number.
+    let even = |k: &str| k.ends_with(['0', '2', '4', '6', '8']);
+    let right = unique("bench-right");
+    broker.create_topic(&right, args.partitions)?;
+    let right_keys: std::collections::BTreeSet<&String> = keys.iter().filter(|k| even(k)).collect();
+    broker.produce(&right, right_keys.iter().map(|k| (k.as_str(), "{}")))?;
+    let missing = keys.iter().filter(|k| !even(k)).count();
 
     let mut rows = Vec::new();
-    for stage in ["raw", "core-eo", "core-alo", "dedup"] {
+    for stage in ["raw", "core-eo", "core-alo", "dedup", "antijoin"] {
         let out = unique("bench-out");
         broker.create_topic(&out, args.partitions)?;
         let (name, elapsed, expect) = match stage {
@@ -257,10 +306,15 @@ fn main() -> Result<()> {
                 core_passthrough(&broker, &input, &out, args.records, Guarantee::AtLeastOnce)?,
                 args.records,
             ),
-            _ => (
+            "dedup" => (
                 "dedup, exactly-once",
                 dedup(&broker, &input, &out, unique_n)?,
                 unique_n,
+            ),
+            _ => (
+                "anti-join stream, exactly-once (right: half the keys)",
+                antijoin(&broker, &input, &right, &out, missing)?,
+                missing,
             ),
         };
         let count = broker.count(&out)?;

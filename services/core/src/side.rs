@@ -1,0 +1,225 @@
+//! Side tables: topics an instance reads for itself, outside its consumer group, next to the
+//! group's inputs. The right side of a broadcast anti-join is one: every instance holds all
+//! of it, so the left side needs no co-partitioning and a hot left key spreads over every
+//! partition. In co-partitioned mode an instance reads only the side partitions whose number
+//! matches an input partition it owns.
+//!
+//! The table (owned by the operator factory) applies records and stores how far it got.
+//! Each input partition also stores how far it has *seen* the side (`PartitionMeta::side_pos`):
+//! when a partition opens behind its table (another instance owned it, or a crash fell between
+//! the table's commit and the partition's), the missed side range is read again from Kafka and
+//! shown to the operator, which reconciles against the table's current content. Outputs made
+//! from side records therefore are at-least-once; operators make them idempotent (a tombstone
+//! or a re-emitted value for a key on a compacted topic).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::changelog;
+use crate::error::{CoreError, Result};
+use crate::kafka::Clients;
+use crate::telemetry::names;
+
+/// Which side partitions an instance reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SideMode {
+    /// Every partition of the side topics, on every instance.
+    Broadcast,
+    /// Only the side partitions numbered like an assigned input partition.
+    CoPartitioned,
+}
+
+/// A table materialised from side topics.
+pub trait SideTable: Send {
+    fn topics(&self) -> Vec<String>;
+    fn mode(&self) -> SideMode;
+    /// Next offset to read per side partition (`topic/partition`); absent means the start.
+    fn positions(&self) -> BTreeMap<String, i64>;
+    /// Applies records (in offset order per partition) and durably stores the new positions.
+    fn apply(&mut self, records: &[OwnedMessage]) -> Result<()>;
+    /// Called once at a graceful stop: the place to save caches.
+    fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+pub type Tp = (String, i32);
+
+pub fn tp_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+/// Records applied per call to [`SideTable::apply`] while catching up.
+const CATCH_UP_CHUNK: usize = 5_000;
+
+/// The consumer that follows side partitions after their catch-up.
+pub(crate) struct SideReader {
+    consumer: BaseConsumer,
+    mode: SideMode,
+    /// Every partition of the side topics.
+    all: Vec<Tp>,
+    assigned: BTreeSet<Tp>,
+}
+
+impl SideReader {
+    pub(crate) fn new(
+        clients: &Clients,
+        reader: &BaseConsumer,
+        table: &dyn SideTable,
+    ) -> Result<Self> {
+        let mut all = Vec::new();
+        for t in table.topics() {
+            for p in 0..clients.partition_count(reader, &t)? {
+                all.push((t.clone(), p));
+            }
+        }
+        // End-of-partition events mean nothing to a reader that follows forever.
+        let consumer = clients
+            .reader_config()
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(|e| CoreError::kafka("create side reader", e))?;
+        Ok(SideReader {
+            consumer,
+            mode: table.mode(),
+            all,
+            assigned: BTreeSet::new(),
+        })
+    }
+
+    /// Side partitions an input partition depends on.
+    pub(crate) fn serving(&self, input_partition: i32) -> impl Iterator<Item = &Tp> {
+        let mode = self.mode;
+        self.all
+            .iter()
+            .filter(move |(_, p)| mode == SideMode::Broadcast || *p == input_partition)
+    }
+
+    /// Reads what the table misses of the side partitions needed by `input_partitions` (every
+    /// partition in broadcast mode), up to their current end, then follows them from there.
+    /// Returns the number of records applied.
+    pub(crate) fn catch_up_and_follow(
+        &mut self,
+        reader: &BaseConsumer,
+        table: &mut dyn SideTable,
+        input_partitions: &BTreeSet<i32>,
+    ) -> Result<u64> {
+        let wanted: BTreeSet<Tp> = match self.mode {
+            SideMode::Broadcast => self.all.iter().cloned().collect(),
+            SideMode::CoPartitioned => self
+                .all
+                .iter()
+                .filter(|(_, p)| input_partitions.contains(p))
+                .cloned()
+                .collect(),
+        };
+        let mut applied = 0u64;
+        for (t, p) in wanted.difference(&self.assigned) {
+            applied += catch_up(reader, table, t, *p)?;
+        }
+        if wanted != self.assigned {
+            let positions = table.positions();
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in &wanted {
+                let off = positions
+                    .get(&tp_key(t, *p))
+                    .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                tpl.add_partition_offset(t, *p, off)
+                    .map_err(|e| CoreError::kafka("side assignment", e))?;
+            }
+            self.consumer
+                .assign(&tpl)
+                .map_err(|e| CoreError::kafka("assign side reader", e))?;
+            self.assigned = wanted;
+        }
+        Ok(applied)
+    }
+
+    /// Records already fetched, without waiting; at most `max`.
+    pub(crate) fn poll(&self, max: usize) -> Vec<OwnedMessage> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => out.push(m.detach()),
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) => {
+                    metrics::counter!(names::ERRORS, "kind" => "side_consume").increment(1);
+                    tracing::warn!(error = %e, "side table consume error");
+                    break;
+                }
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+/// Applies one side partition from the table's position to the partition's current end.
+fn catch_up(
+    reader: &BaseConsumer,
+    table: &mut dyn SideTable,
+    topic: &str,
+    partition: i32,
+) -> Result<u64> {
+    let (low, high) = reader
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(|e| CoreError::kafka(format!("watermarks of {topic}/{partition}"), e))?;
+    let from = table
+        .positions()
+        .get(&tp_key(topic, partition))
+        .copied()
+        .unwrap_or(low)
+        .max(low);
+    let mut applied = 0u64;
+    replay(reader, topic, partition, from, high, |chunk| {
+        applied += chunk.len() as u64;
+        metrics::counter!(names::SIDE_CATCH_UP_RECORDS).increment(chunk.len() as u64);
+        table.apply(chunk)
+    })?;
+    tracing::info!(
+        topic,
+        partition,
+        from,
+        to = high,
+        applied,
+        "side table caught up"
+    );
+    Ok(applied)
+}
+
+/// Reads `[from, to)` of a side partition again in chunks, for a partition that opened
+/// behind its table.
+pub(crate) fn replay(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    mut f: impl FnMut(&[OwnedMessage]) -> Result<()>,
+) -> Result<()> {
+    let mut chunk = Vec::new();
+    changelog::read_range(
+        reader,
+        topic,
+        partition,
+        from,
+        to,
+        Duration::from_secs(30),
+        |m| {
+            chunk.push(m.clone());
+            if chunk.len() >= CATCH_UP_CHUNK {
+                f(&std::mem::take(&mut chunk))?;
+            }
+            Ok(())
+        },
+    )?;
+    if !chunk.is_empty() {
+        f(&chunk)?;
+    }
+    Ok(())
+}
