@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod jsonfile;
 pub mod jsonkey;
 pub mod kafka;
+pub mod priority;
 pub mod record;
 pub mod runner;
 pub mod service;

@@ -36,6 +36,7 @@ pub mod names {
     pub const SIDE_CATCH_UP_RECORDS: &str = "sieve_side_catch_up_records_total";
     pub const SIDE_RECORDS: &str = "sieve_side_records_total";
     pub const SIDE_REPLAYED: &str = "sieve_side_replayed_total";
+    pub const STARVATION_GUARD: &str = "sieve_starvation_guard_total";
 }
 
 fn describe() {
@@ -100,6 +101,10 @@ fn describe() {
     describe_counter!(
         SIDE_RECORDS,
         "Side-table records applied while following the side topics."
+    );
+    describe_counter!(
+        STARVATION_GUARD,
+        "Times lower priorities were let through for one batch after being paused longer than the starvation guard."
     );
     describe_counter!(
         SIDE_REPLAYED,

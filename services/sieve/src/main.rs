@@ -36,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         command: AntijoinCmd,
     },
+    /// Notification fan-out with strict priorities.
+    Notify {
+        #[command(subcommand)]
+        command: NotifyCmd,
+    },
     /// Operate a sieve deployment: topics, generators.
     Ctl {
         #[command(subcommand)]
@@ -57,6 +62,28 @@ enum AntijoinCmd {
     },
     /// Over files: streaming, multi-core, memory independent of the left input's size.
     Files(sieve_antijoin::files::FilesArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum NotifyCmd {
+    /// Expand requests (listed users or an author's followers) into recipient tasks.
+    Planner {
+        #[command(flatten)]
+        planner: sieve_notify::PlannerArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Deliver tasks: preferences, quiet hours, relevance, rate limits, dedup, kill switch.
+    Deliver {
+        #[command(flatten)]
+        deliver: sieve_notify::DelivererArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +192,9 @@ fn main() -> ExitCode {
         Command::Dedup { service, .. }
         | Command::Antijoin {
             command: AntijoinCmd::Stream { service, .. },
+        }
+        | Command::Notify {
+            command: NotifyCmd::Planner { service, .. } | NotifyCmd::Deliver { service, .. },
         } => service.log_format,
         Command::Ctl { .. } | Command::Antijoin { .. } => LogFormat::Text,
     };
@@ -197,6 +227,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             sieve_antijoin::stream::run(&kafka, &service, stream)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Notify { command } => {
+            match command {
+                NotifyCmd::Planner {
+                    planner,
+                    kafka,
+                    service,
+                } => sieve_notify::run_planner(&kafka, &service, planner)?,
+                NotifyCmd::Deliver {
+                    deliver,
+                    kafka,
+                    service,
+                } => sieve_notify::run_deliverer(&kafka, &service, deliver)?,
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Antijoin {
