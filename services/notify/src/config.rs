@@ -59,7 +59,7 @@ pub struct DelivererArgs {
     #[arg(long, env = "SIEVE_NOTIFY_EMAIL_PER_HOUR", default_value_t = 10)]
     pub email_per_hour: u32,
     /// Tasks per batch: a P0 task waits at most for the batch in progress.
-    #[arg(long, env = "SIEVE_NOTIFY_TASKS_PER_BATCH", default_value_t = 2)]
+    #[arg(long, env = "SIEVE_NOTIFY_TASKS_PER_BATCH", default_value_t = 1)]
     pub tasks_per_batch: usize,
     #[arg(long, env = "SIEVE_NOTIFY_STARVATION_GUARD", default_value = "5s", value_parser = humantime::parse_duration)]
     pub starvation_guard: Duration,

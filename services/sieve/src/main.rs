@@ -98,6 +98,16 @@ enum Ctl {
         #[command(subcommand)]
         command: GenCmd,
     },
+    /// Produce NDJSON from stdin, one record per line, keyed by a JSON pointer.
+    Produce {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long)]
+        topic: String,
+        /// JSON pointer of the record key (for example /id); no key when absent.
+        #[arg(long)]
+        key_pointer: Option<String>,
+    },
     /// Per partition: committed offset of a group, end offset, lag; and the total.
     Lag {
         #[command(flatten)]
@@ -141,6 +151,14 @@ enum TopicsCmd {
 
 #[derive(Debug, Subcommand)]
 enum GenCmd {
+    /// Follow events of one author's followers (`fan0` …) as NDJSON with a `key` field
+    /// (`<author>/<follower>`), for `ctl produce --key-pointer /key`.
+    Follows {
+        #[arg(long, default_value = "celebrity")]
+        author: String,
+        #[arg(long, default_value_t = 100_000)]
+        followers: u64,
+    },
     /// Events with client retries and idempotency conflicts.
     Events {
         #[arg(long, default_value_t = 10_000)]
@@ -275,6 +293,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 topic,
                 total,
             } => ctl::lag(kafka, &group, &topic, total),
+            Ctl::Produce {
+                kafka,
+                topic,
+                key_pointer,
+            } => ctl::produce_ndjson(
+                kafka,
+                &topic,
+                key_pointer.as_deref(),
+                std::io::stdin().lock(),
+            ),
             Ctl::Gen {
                 command:
                     GenCmd::Events {
@@ -300,6 +328,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     (None, false) => ctl::print_events(spec),
                 }
             }
+            Ctl::Gen {
+                command: GenCmd::Follows { author, followers },
+            } => ctl::print_follows(&author, followers),
             Ctl::Gen {
                 command:
                     GenCmd::Users {

@@ -507,22 +507,50 @@ fn p3_in_quiet_hours_is_deferred_then_released_by_the_clock() -> Result<()> {
     // Quiet hours in UTC from an hour ago to the start of the next minute but one.
     let t = Utc::now();
     let start = (t - chrono::Duration::hours(1)).format("%H:%M").to_string();
-    let end_at = t + chrono::Duration::seconds(120 - i64::from(t.format("%S").to_string().parse::<u8>()?));
+    let end_at =
+        t + chrono::Duration::seconds(120 - i64::from(t.format("%S").to_string().parse::<u8>()?));
     let end = end_at.format("%H:%M").to_string();
     let prefs = serde_json::json!({
         "last_active": now(), "device_tokens": ["t"],
         "quiet_hours": {"start": start, "end": end, "tz": "UTC"}
     });
-    s.broker.produce(&s.t("prefs"), [("dana", prefs.to_string())])?;
+    s.broker
+        .produce(&s.t("prefs"), [("dana", prefs.to_string())])?;
     let mut planner = s.spawn("planner", &[], &[])?;
     let mut deliverer = s.spawn("deliver", &["--tick", "1s"], &[])?;
     s.request(3, direct("promo-q", 3, &["dana"], &["push"]))?;
     s.request(2, direct("social-q", 2, &["dana"], &["push", "inapp"]))?;
-    let c = wait_counts(&s, "promo-q", "deferred", 1, &mut [&mut planner, &mut deliverer])?;
-    assert_eq!(c.get("sent"), None, "P3 must wait for the end of quiet hours");
-    let social = wait_counts(&s, "social-q", "sent", 1, &mut [&mut planner, &mut deliverer])?;
-    assert_eq!(social.get("suppressed:quiet_hours"), Some(&1), "P2 push is suppressed, in-app goes");
-    let c = wait_counts(&s, "promo-q", "sent", 1, &mut [&mut planner, &mut deliverer])?;
+    let c = wait_counts(
+        &s,
+        "promo-q",
+        "deferred",
+        1,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    assert_eq!(
+        c.get("sent"),
+        None,
+        "P3 must wait for the end of quiet hours"
+    );
+    let social = wait_counts(
+        &s,
+        "social-q",
+        "sent",
+        1,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    assert_eq!(
+        social.get("suppressed:quiet_hours"),
+        Some(&1),
+        "P2 push is suppressed, in-app goes"
+    );
+    let c = wait_counts(
+        &s,
+        "promo-q",
+        "sent",
+        1,
+        &mut [&mut planner, &mut deliverer],
+    )?;
     let pushed = s.read("out.push")?;
     assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
