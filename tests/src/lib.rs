@@ -566,6 +566,24 @@ impl Drop for Service {
 }
 
 /// Status and body of a GET, or None when nothing listens yet.
+/// The arguments every stream service takes, for a test: this broker, `group`, a state
+/// directory, and a short session timeout so a killed member's partitions move quickly.
+pub fn service_args(broker: &Broker, group: &str, state: &Path) -> Vec<String> {
+    [
+        "--brokers",
+        &broker.addr(),
+        "--group",
+        group,
+        "--state-dir",
+        &state.display().to_string(),
+        "-X",
+        "session.timeout.ms=6000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 pub fn http_get(url: &str) -> Option<(u16, String)> {
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(5))

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use rdkafka::message::{Message, OwnedMessage};
-use sieve_tests::{unique, wait_for, Broker, Service};
+use sieve_tests::{service_args, unique, wait_for, Broker, Service};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve-testop");
 
@@ -41,26 +41,13 @@ impl Setup {
     }
 
     fn args(&self, op: &str, state: &Path) -> Vec<String> {
-        [
-            op,
-            "--input",
-            &self.input,
-            "--output",
-            &self.output,
-            "--brokers",
-            &self.broker.addr(),
-            "--group",
-            &self.group,
-            "--state-dir",
-            &state.display().to_string(),
-            "-X",
-            "session.timeout.ms=6000",
-            "-X",
-            "statistics.interval.ms=500",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut args: Vec<String> = [op, "--input", &self.input, "--output", &self.output]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(service_args(&self.broker, &self.group, state));
+        args.extend(["-X".into(), "statistics.interval.ms=500".into()]);
+        args
     }
 
     fn spawn(&self, op: &str, state: &Path, env: &[(&str, &str)]) -> Result<Service> {

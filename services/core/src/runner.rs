@@ -92,7 +92,21 @@ pub struct Ctx<'a> {
     recovering: bool,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    fn new(
+        store: &'a PartitionStore,
+        changes: &'a mut Changes,
+        outputs: &'a mut Vec<Output>,
+        recovering: bool,
+    ) -> Self {
+        Ctx {
+            store,
+            changes,
+            outputs,
+            recovering,
+        }
+    }
+
     pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.store.get(self.changes, cf, key)
     }
@@ -554,12 +568,7 @@ impl<F: OperatorFactory> Engine<F> {
             *in_counts.entry(tp.0.clone()).or_default() += 1;
             let recovering =
                 !part.already_written.is_empty() && msg.offset() <= part.already_written_max;
-            let mut ctx = Ctx {
-                store: &part.store,
-                changes: &mut part.changes,
-                outputs: &mut outputs,
-                recovering,
-            };
+            let mut ctx = Ctx::new(&part.store, &mut part.changes, &mut outputs, recovering);
             part.op.process(&msg, &mut ctx)?;
             for (i, out) in outputs.drain(..).enumerate() {
                 let index = i as u32;
@@ -780,12 +789,7 @@ fn show_side<O: Operator>(
     futures: &mut Vec<((Tp, String), DeliveryFuture)>,
 ) -> Result<()> {
     let mut outputs = Vec::new();
-    let mut ctx = Ctx {
-        store: &part.store,
-        changes: &mut part.changes,
-        outputs: &mut outputs,
-        recovering: false,
-    };
+    let mut ctx = Ctx::new(&part.store, &mut part.changes, &mut outputs, false);
     part.op.on_side(records, &mut ctx)?;
     for out in outputs {
         let fut = send_output(producer, &out, None)?;
@@ -797,12 +801,7 @@ fn show_side<O: Operator>(
 /// Lets the operator write its caches into the partition's pending changes.
 fn flush_operator<O: Operator>(part: &mut Partition<O>, closing: bool) -> Result<()> {
     let mut outputs = Vec::new();
-    let mut ctx = Ctx {
-        store: &part.store,
-        changes: &mut part.changes,
-        outputs: &mut outputs,
-        recovering: false,
-    };
+    let mut ctx = Ctx::new(&part.store, &mut part.changes, &mut outputs, false);
     part.op.flush(&mut ctx, closing)?;
     if outputs.is_empty() {
         Ok(())

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use rdkafka::message::Message;
-use sieve_tests::{http_get, unique, wait_for, Broker, Service};
+use sieve_tests::{http_get, service_args, unique, wait_for, Broker, Service};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
@@ -132,7 +132,6 @@ impl Setup {
     }
 
     fn spawn(&self, extra: &[&str], env: &[(&str, &str)]) -> Result<Service> {
-        let state = self.dir.path().join("state").display().to_string();
         let mut args: Vec<String> = [
             "antijoin",
             "stream",
@@ -146,18 +145,15 @@ impl Setup {
             &self.out,
             "--dlq",
             &self.dlq,
-            "--brokers",
-            &self.broker.addr(),
-            "--group",
-            &self.group,
-            "--state-dir",
-            &state,
-            "-X",
-            "session.timeout.ms=6000",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(service_args(
+            &self.broker,
+            &self.group,
+            &self.dir.path().join("state"),
+        ));
         args.extend(extra.iter().map(|s| s.to_string()));
         Service::spawn(Path::new(BIN), &args, env, self.dir.path())
     }
@@ -366,6 +362,7 @@ fn append_mode_judges_only_after_the_right_side_is_loaded() -> Result<()> {
         let d = s.broker.count(&s.dlq).ok()? as usize;
         (n >= expected.len() && d >= sc.bad).then_some(())
     })?;
+    ensure!(svc.exited().is_none(), "antijoin exited:\n{}", svc.log_tail(30));
     let caught_up = svc
         .metric("sieve_side_catch_up_records_total", &[])
         .unwrap_or(0.0);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use rdkafka::message::Message;
 use sieve::gen::{self, Event, EventKind, EventSpec};
-use sieve_tests::{header_str, unique, wait_for, Broker, Service, TestRecord};
+use sieve_tests::{header_str, service_args, unique, wait_for, Broker, Service, TestRecord};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
@@ -39,27 +39,17 @@ impl Setup {
     }
 
     fn spawn(&self, extra: &[&str], env: &[(&str, &str)]) -> Result<Service> {
-        let state = self.dir.path().join("state").display().to_string();
         let mut args: Vec<String> = [
-            "dedup",
-            "--input",
-            &self.raw,
-            "--output",
-            &self.uniq,
-            "--dlq",
-            &self.dlq,
-            "--brokers",
-            &self.broker.addr(),
-            "--group",
-            &self.group,
-            "--state-dir",
-            &state,
-            "-X",
-            "session.timeout.ms=6000",
+            "dedup", "--input", &self.raw, "--output", &self.uniq, "--dlq", &self.dlq,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(service_args(
+            &self.broker,
+            &self.group,
+            &self.dir.path().join("state"),
+        ));
         args.extend(extra.iter().map(|s| s.to_string()));
         Service::spawn(Path::new(BIN), &args, env, self.dir.path())
     }

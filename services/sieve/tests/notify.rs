@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use chrono::{SecondsFormat, Utc};
 use rdkafka::message::{Message, OwnedMessage};
-use sieve_tests::{http_get, unique, wait_for, Broker, Service};
+use sieve_tests::{http_get, service_args, unique, wait_for, Broker, Service};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
@@ -44,7 +44,6 @@ impl Setup {
     }
 
     fn spawn(&self, role: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Service> {
-        let state = self.dir.path().join(role).display().to_string();
         let group = format!("{}-{role}", self.ns);
         let mut args: Vec<String> = vec!["notify".into(), role.into()];
         let topics: &[(&str, &str)] = if role == "planner" {
@@ -69,18 +68,11 @@ impl Setup {
             args.push(flag.to_string());
             args.push(self.t(name));
         }
-        for a in [
-            "--brokers",
-            &self.broker.addr(),
-            "--group",
+        args.extend(service_args(
+            &self.broker,
             &group,
-            "--state-dir",
-            &state,
-            "-X",
-            "session.timeout.ms=6000",
-        ] {
-            args.push(a.to_string());
-        }
+            &self.dir.path().join(role),
+        ));
         args.extend(extra.iter().map(|s| s.to_string()));
         Service::spawn(Path::new(BIN), &args, env, self.dir.path())
     }
