@@ -138,6 +138,7 @@ async fn handle(
     let idem = idempotency_key_of(h)?;
     let declared = header_str(h, header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > app.max_body_bytes) {
+        discard(body.into_data_stream(), app.max_body_bytes).await;
         return Err(body::too_large(app.max_body_bytes).into());
     }
     let raw = read_body(body, app.max_body_bytes).await?;
@@ -159,11 +160,29 @@ async fn read_body(body: Body, max: usize) -> Result<Vec<u8>, Problem> {
         let chunk = chunk
             .map_err(|e| Problem::new(Reason::BadJson, format!("reading the body failed: {e}")))?;
         if out.len() + chunk.len() > max {
+            drop(out);
+            discard(stream, max).await;
             return Err(body::too_large(max).into());
         }
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// Reads and drops the rest of an oversized body (up to 4 × `max`, for at most 5 s) before
+/// answering 413: a client still sending would otherwise see a connection reset instead of
+/// the answer (the "lingering close" of web servers).
+async fn discard(mut stream: axum::body::BodyDataStream, max: usize) {
+    let mut left = max.saturating_mul(4);
+    let drain = async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            left = left.saturating_sub(chunk.len());
+            if left == 0 {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
 }
 
 /// One record's place in the body, NDJSON line and verdict.

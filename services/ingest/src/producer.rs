@@ -1,12 +1,12 @@
 //! The producer side: records with headers, the in-flight budget, and acknowledgements
-//! awaited with a deadline. An idempotent producer that hit a fatal error is replaced.
+//! awaited with a deadline. After a failed delivery the producer is replaced by a fresh one.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use sieve_core::kafka::Clients;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -68,7 +68,8 @@ pub enum SendError {
 /// The HTTP server's producer with its in-flight budget.
 pub struct Sink {
     clients: Clients,
-    producer: RwLock<FutureProducer>,
+    /// The current producer and its generation (replaced once per failure, not per request).
+    producer: RwLock<(u64, FutureProducer)>,
     budget: Arc<Semaphore>,
     budget_size: usize,
     ack_timeout: Duration,
@@ -79,7 +80,7 @@ impl Sink {
         let producer = Self::create(&clients, ack_timeout)?;
         Ok(Sink {
             clients,
-            producer: RwLock::new(producer),
+            producer: RwLock::new((0, producer)),
             budget: Arc::new(Semaphore::new(budget)),
             budget_size: budget,
             ack_timeout,
@@ -97,11 +98,15 @@ impl Sink {
             .map_err(|e| IngestError::Kafka(format!("create producer: {e}")))
     }
 
-    pub fn producer(&self) -> FutureProducer {
+    fn current(&self) -> (u64, FutureProducer) {
         self.producer
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        self.current().1
     }
 
     /// Reserves budget for `n` records, or says the server is overloaded.
@@ -121,7 +126,7 @@ impl Sink {
 
     /// Produces every record and waits for every acknowledgement, at most the ack timeout.
     pub async fn send_all(&self, records: &[Out<'_>]) -> Result<Vec<Ack>, SendError> {
-        let producer = self.producer();
+        let (generation, producer) = self.current();
         let mut futures = Vec::with_capacity(records.len());
         for r in records {
             match enqueue(&producer, r) {
@@ -132,37 +137,40 @@ impl Sink {
         let acks = tokio::time::timeout(self.ack_timeout, join_all(futures.into_iter().map(ack)))
             .await
             .map_err(|_| {
-                SendError::Unavailable(format!(
+                format!(
                     "no acknowledgement from the broker within {} ms",
                     self.ack_timeout.as_millis()
-                ))
-            })?;
-        let acks = acks
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(SendError::Unavailable);
+                )
+            })
+            .and_then(|acks| acks.into_iter().collect::<Result<Vec<_>, _>>());
         if acks.is_err() {
-            self.replace_if_fatal();
+            self.replace(generation);
         }
-        acks
+        acks.map_err(SendError::Unavailable)
     }
 
-    /// An idempotent producer that lost track of its sequence numbers stops for good;
-    /// a fresh one (new producer id) serves the next requests.
-    fn replace_if_fatal(&self) {
-        let producer = self.producer();
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            tracing::error!(?code, %reason, "producer fatal error: creating a new producer");
-            match Self::create(&self.clients, self.ack_timeout) {
-                Ok(p) => {
-                    *self
-                        .producer
-                        .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = p
-                }
-                Err(e) => tracing::error!(error = %e, "cannot create a new producer"),
+    /// After timeouts an idempotent producer bumps its epoch or stops for good (librdkafka),
+    /// and the local broker panics on a bumped epoch: a fresh producer (new producer id) serves
+    /// the next requests. Records still queued in the old one were answered 503: purge them.
+    fn replace(&self, generation: u64) {
+        let fresh = match Self::create(&self.clients, self.ack_timeout) {
+            Ok(p) => p,
+            Err(e) => return tracing::error!(error = %e, "cannot create a new producer"),
+        };
+        let old = {
+            let mut cur = self
+                .producer
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if cur.0 != generation {
+                return; // another request replaced it already
             }
-        }
+            std::mem::replace(&mut *cur, (generation + 1, fresh)).1
+        };
+        tracing::warn!(generation, "delivery failed: replacing the producer");
+        old.purge(PurgeConfig::default().queue().inflight());
+        // Dropping a producer flushes for up to 500 ms: not on an async worker.
+        tokio::task::spawn_blocking(move || drop(old));
     }
 
     /// Whether the brokers answer a metadata request (for /readyz); blocking.
