@@ -36,6 +36,8 @@ pub struct Summary {
     pub skipped: u64,
     pub bytes: u64,
     pub seconds: f64,
+    /// Peak resident memory of the process (VmHWM), for the constant-memory claim.
+    pub peak_rss_bytes: u64,
     pub dry_run: bool,
 }
 
@@ -117,6 +119,7 @@ pub fn run(args: &FileArgs) -> Result<Summary> {
         load_file(args, stream, producer.clone(), path, &mut summary)?;
     }
     summary.seconds = start.elapsed().as_secs_f64();
+    summary.peak_rss_bytes = sieve_core::telemetry::peak_rss_bytes();
     Ok(summary)
 }
 
