@@ -31,10 +31,35 @@ pub enum Reason {
     RateLimited,
     Overloaded,
     BrokerUnavailable,
-    ShuttingDown,
 }
 
 impl Reason {
+    /// Every reason, for docs and the OpenAPI check.
+    pub const ALL: [Reason; 22] = [
+        Reason::BadJson,
+        Reason::InvalidUtf8,
+        Reason::NumberOutOfRange,
+        Reason::TooDeep,
+        Reason::SchemaViolation,
+        Reason::MissingKey,
+        Reason::KeyNotScalar,
+        Reason::RecordTooLarge,
+        Reason::EmptyBody,
+        Reason::BodyTooLarge,
+        Reason::TooManyRecords,
+        Reason::BadGzip,
+        Reason::BadIdempotencyKey,
+        Reason::UnsupportedMediaType,
+        Reason::UnsupportedEncoding,
+        Reason::MissingApiKey,
+        Reason::InvalidApiKey,
+        Reason::StreamNotAllowed,
+        Reason::UnknownStream,
+        Reason::RateLimited,
+        Reason::Overloaded,
+        Reason::BrokerUnavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::BadJson => "bad_json",
@@ -59,7 +84,6 @@ impl Reason {
             Reason::RateLimited => "rate_limited",
             Reason::Overloaded => "overloaded",
             Reason::BrokerUnavailable => "broker_unavailable",
-            Reason::ShuttingDown => "shutting_down",
         }
     }
 
@@ -72,7 +96,7 @@ impl Reason {
             Reason::StreamNotAllowed => 403,
             Reason::UnknownStream => 404,
             Reason::RateLimited | Reason::Overloaded => 429,
-            Reason::BrokerUnavailable | Reason::ShuttingDown => 503,
+            Reason::BrokerUnavailable => 503,
             _ => 400,
         }
     }
@@ -124,5 +148,41 @@ impl Rejection {
         self.path = Some(path.into());
         self.rule = Some(rule.into());
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed OpenAPI document and docs/ingest.md list every reason with its status.
+    #[test]
+    fn openapi_and_docs_list_every_reason() {
+        let doc: serde_json::Value = serde_json::from_str(crate::http::OPENAPI).unwrap();
+        let listed = &doc["components"]["schemas"]["Reason"]["enum"];
+        let docs = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/ingest.md"),
+        )
+        .unwrap();
+        for r in Reason::ALL {
+            assert!(
+                listed.as_array().unwrap().iter().any(|x| x == r.as_str()),
+                "{r} missing in openapi.json"
+            );
+            let responses = &doc["paths"]["/v1/events/{stream}"]["post"]["responses"];
+            let desc = responses[r.status().to_string()]["description"]
+                .as_str()
+                .unwrap();
+            assert!(
+                desc.contains(r.as_str()),
+                "{r} not under {} in openapi.json",
+                r.status()
+            );
+            assert!(
+                docs.contains(&format!("| `{r}` | {} |", r.status())),
+                "{r} ({}) missing in docs/ingest.md",
+                r.status()
+            );
+        }
     }
 }
