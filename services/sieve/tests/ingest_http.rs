@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use ingest_common::{ensure_status, post, Ingest, Resp, KEY, KEY_RESTRICTED};
+use ingest_common::{ensure_status, post, Ingest, Resp, KEY, KEY_LIMITED, KEY_RESTRICTED};
 use rdkafka::message::Message;
 use serde::Deserialize;
 use sieve_tests::{header_str, unique, wait_for, Broker};
@@ -254,10 +254,80 @@ fn single_array_and_ndjson_land_with_keys_headers_and_partitions() -> Result<()>
     let (status, metrics) = sieve_tests::http_get(&ingest.url("/metrics")).context("metrics")?;
     ensure!(status == 200 && metrics.contains("sieve_ingest_requests_total"));
 
-    ensure!(
-        ingest.svc.terminate(Duration::from_secs(30))? == 0,
-        "graceful exit"
+    // A key over its record rate gets 429 with Retry-After; others are not affected.
+    let limited = format!("Bearer {KEY_LIMITED}");
+    let five: String = (0..5).map(|i| event(&format!("r{i}")) + "\n").collect();
+    let r = ingest.post(
+        "events",
+        "application/x-ndjson",
+        &[("Authorization", &limited)],
+        five.as_bytes(),
     );
+    ensure_status(&r, 202)?;
+    let r = ingest.post(
+        "events",
+        "application/x-ndjson",
+        &[("Authorization", &limited)],
+        event("r5").as_bytes(),
+    );
+    ensure!(
+        r.status == 429 && r.reason() == "rate_limited" && r.retry_after.is_some(),
+        "{r:?}"
+    );
+    ensure_status(
+        &ingest.send("events", "application/json", None, &event("r6")),
+        202,
+    )?;
+
+    graceful_stop_finishes_the_request_in_flight(&mut ingest, &broker, &t)
+}
+
+/// SIGTERM while a request's body is still arriving: the server stops accepting, finishes
+/// that request (202, acknowledged), flushes and exits 0.
+fn graceful_stop_finishes_the_request_in_flight(
+    ingest: &mut Ingest,
+    broker: &Broker,
+    t: &Topics,
+) -> Result<()> {
+    use std::io::Read;
+    let body = event("in-flight");
+    let (head, tail) = body.split_at(body.len() / 2);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", ingest.port))?;
+    write!(
+        conn,
+        "POST /v1/events/plain HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: application/json\r\nIdempotency-Key: in-flight\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{head}",
+        body.len()
+    )?;
+    conn.flush()?;
+    let pid = ingest.svc.pid().context("pid")?;
+    // SAFETY: a signal to our own child.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    let ready = ingest.url("/readyz");
+    wait_for(
+        "the server to stop being ready",
+        Duration::from_secs(10),
+        || (sieve_tests::http_get(&ready).map(|r| r.0) != Some(200)).then_some(()),
+    )?;
+    conn.write_all(tail.as_bytes())?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 202"),
+        "in-flight request: {answer}"
+    );
+    let code = ingest
+        .svc
+        .wait_exit("graceful exit", Duration::from_secs(30))?;
+    ensure!(code == 0, "exit code {code}");
+    let landed = broker
+        .read_all(&t.plain)?
+        .iter()
+        .any(|m| header_str(m, "idempotency-key").as_deref() == Some("in-flight"));
+    ensure!(landed, "the in-flight record is on the topic");
     Ok(())
 }
 

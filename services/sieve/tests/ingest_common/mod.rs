@@ -17,11 +17,14 @@ pub fn schemas() -> PathBuf {
 
 pub const KEY: &str = "test-key-good";
 pub const KEY_RESTRICTED: &str = "test-key-restricted";
+/// 5 records per second, burst 5.
+pub const KEY_LIMITED: &str = "test-key-limited";
 
 pub fn keys_toml() -> String {
     format!(
         "[[keys]]\nkey = \"{KEY}\"\ntenant = \"acme\"\nstreams = [\"*\"]\n\n\
-         [[keys]]\nkey = \"{KEY_RESTRICTED}\"\ntenant = \"narrow\"\nstreams = [\"users\"]\n"
+         [[keys]]\nkey = \"{KEY_RESTRICTED}\"\ntenant = \"narrow\"\nstreams = [\"users\"]\n\n\
+         [[keys]]\nkey = \"{KEY_LIMITED}\"\ntenant = \"slow\"\nstreams = [\"*\"]\nrecords_per_sec = 5\nburst = 5\n"
     )
 }
 
