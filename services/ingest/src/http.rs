@@ -147,6 +147,7 @@ async fn handle(
         let name = name.to_string();
         tokio::task::spawn_blocking(move || check_all(&app, &name, raw, format, gzip, idem))
             .await
+            // Only when the blocking pool is shutting down (or a check panicked): retryable.
             .map_err(|e| Problem::new(Reason::Overloaded, format!("validation task: {e}")))??
     };
     produce(app, stream, key, checked).await
