@@ -65,7 +65,7 @@ struct Load<'a> {
     args: &'a FileArgs,
     producer: Option<FutureProducer>,
     checkpoint: Option<Checkpoint>,
-    key_prefix: String,
+    key_prefix: Option<String>,
     source: String,
     pending: VecDeque<Pending>,
     /// Counts of the acknowledged prefix (what the checkpoint holds).
@@ -136,7 +136,7 @@ fn load_file(
     } else {
         Some(FileIdentity::of(path)?)
     };
-    let mut checkpoint =
+    let checkpoint =
         match (&identity, args.dry_run) {
             (Some(id), false) => {
                 let old = if args.restart {
@@ -169,16 +169,15 @@ fn load_file(
         tracing::info!(file = %path.display(), done = acked.done, "resuming after the checkpoint");
     }
     let (reader, bytes_read) = jsonfile::open(path)?;
-    let key_prefix = identity
-        .as_ref()
-        .map(FileIdentity::id)
-        .unwrap_or_else(|| "stdin".into());
+    // stdin has no identity: its records without an idempotency field get content keys
+    // (two different stdin loads must not share `stdin:N` keys, dedup would drop one).
+    let key_prefix = identity.as_ref().map(FileIdentity::id);
     let total = identity.as_ref().map(|i| i.size).unwrap_or(0);
     let mut load = Load {
         stream,
         args,
         producer,
-        checkpoint: checkpoint.take(),
+        checkpoint,
         key_prefix,
         source: path.display().to_string(),
         pending: VecDeque::new(),
@@ -229,9 +228,13 @@ impl Load<'_> {
     fn record(&mut self, n: u64, pos: Position, bytes: &[u8]) -> Result<()> {
         // Copies of the shared references: the records borrow them, not `self`.
         let (stream, args) = (self.stream, self.args);
-        let source_key = format!("{}:{n}", self.key_prefix);
+        let position_key = self.key_prefix.as_ref().map(|p| format!("{p}:{n}"));
+        let source = match &position_key {
+            Some(k) => KeySource::Position(k),
+            None => KeySource::None,
+        };
         let verdict = validate::check(stream, bytes, args.streams.limits())
-            .and_then(|v| keys::prepare(stream, &v.doc, bytes, KeySource::Position(&source_key)));
+            .and_then(|v| keys::prepare(stream, &v.doc, bytes, source));
         let at = self.bytes_read.get();
         let (out, rejected) = match &verdict {
             Ok(p) => {
@@ -259,7 +262,7 @@ impl Load<'_> {
             }
             Err(r) => {
                 let origin = format!("file {} {pos} (byte {at})", self.source);
-                let key = format!("{}:{pos}", self.key_prefix);
+                let key = format!("{}:{pos}", self.key_prefix.as_deref().unwrap_or("stdin"));
                 let out = dead_letter(stream, &args.streams.dlq_topic, key, origin, r, bytes);
                 (out, Some(r.reason.as_str()))
             }
