@@ -31,6 +31,11 @@ enum Command {
         #[command(flatten)]
         service: ServiceArgs,
     },
+    /// Take records in over HTTP or from files: validated, keyed, acknowledged.
+    Ingest {
+        #[command(subcommand)]
+        command: IngestCmd,
+    },
     /// Anti-join: left records whose key has no match on the right.
     Antijoin {
         #[command(subcommand)]
@@ -46,6 +51,14 @@ enum Command {
         #[command(subcommand)]
         command: Ctl,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum IngestCmd {
+    /// HTTP API: POST /v1/events/{stream}; 202 only after the broker acknowledged.
+    Serve(Box<sieve_ingest::ServeArgs>),
+    /// Bulk loader: NDJSON or JSON-array files, constant memory, resumable.
+    File(Box<sieve_ingest::FileArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -214,7 +227,10 @@ fn main() -> ExitCode {
         | Command::Notify {
             command: NotifyCmd::Planner { service, .. } | NotifyCmd::Deliver { service, .. },
         } => service.log_format,
-        Command::Ctl { .. } | Command::Antijoin { .. } => LogFormat::Text,
+        Command::Ingest {
+            command: IngestCmd::Serve(args),
+        } => args.log_format,
+        Command::Ctl { .. } | Command::Antijoin { .. } | Command::Ingest { .. } => LogFormat::Text,
     };
     sieve_core::telemetry::init_logs(format);
     match run(cli) {
@@ -236,6 +252,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sieve_dedup::run(&kafka, &service, dedup)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ingest {
+            command: IngestCmd::Serve(args),
+        } => {
+            sieve_ingest::serve::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ingest {
+            command: IngestCmd::File(args),
+        } => ingest_file(&args),
         Command::Antijoin {
             command:
                 AntijoinCmd::Stream {
@@ -355,4 +380,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+/// Runs the loader, prints the summary (JSON on stdout, a line on stderr), and fails with
+/// exit code 2 when the share of rejected records is above `--max-error-rate`.
+fn ingest_file(args: &sieve_ingest::FileArgs) -> anyhow::Result<ExitCode> {
+    let summary = sieve_ingest::file::run(args)?;
+    println!("{}", serde_json::to_string(&summary)?);
+    eprintln!(
+        "read {} records ({} skipped by the checkpoint), accepted {}, rejected {} {:?}, {:.1} s{}",
+        summary.read,
+        summary.skipped,
+        summary.accepted,
+        summary.rejected,
+        summary.rejected_by_reason,
+        summary.seconds,
+        if summary.dry_run { " (dry run)" } else { "" }
+    );
+    if summary.error_rate() > args.max_error_rate {
+        eprintln!(
+            "error: {:.2} % of the records were rejected (limit {:.2} %); see the DLQ",
+            summary.error_rate() * 100.0,
+            args.max_error_rate * 100.0
+        );
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
 }
