@@ -362,7 +362,11 @@ fn append_mode_judges_only_after_the_right_side_is_loaded() -> Result<()> {
         let d = s.broker.count(&s.dlq).ok()? as usize;
         (n >= expected.len() && d >= sc.bad).then_some(())
     })?;
-    ensure!(svc.exited().is_none(), "antijoin exited:\n{}", svc.log_tail(30));
+    ensure!(
+        svc.exited().is_none(),
+        "antijoin exited:\n{}",
+        svc.log_tail(30)
+    );
     let caught_up = svc
         .metric("sieve_side_catch_up_records_total", &[])
         .unwrap_or(0.0);
