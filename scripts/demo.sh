@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo, on a fresh local broker:
-#   1. dedup: 100 000 generated events with 20 % client retries and 1 % idempotency
-#      conflicts, `sieve dedup` killed with SIGKILL mid-run and restarted, reconciled from
-#      the topics themselves;
+#   1. ingest and dedup: a batch POSTed to `sieve ingest serve` twice (a client retry) and a
+#      bad one refused, then 100 000 generated events with 20 % client retries and 1 %
+#      idempotency conflicts; `sieve dedup` killed with SIGKILL mid-run and restarted,
+#      reconciled from the topics themselves;
 #   2. anti-join: legacy users minus current users (hot key `guest`) as a continuous stream,
 #      checked against the file anti-join on the same data;
 #   3. notify: a celebrity's fan-out to 150 000 followers with P0 2FA codes sent while it runs,
@@ -19,6 +20,7 @@ M_DEDUP="127.0.0.1:19464"
 M_ANTIJOIN="127.0.0.1:19465"
 M_PLANNER="127.0.0.1:19466"
 M_DELIVER="127.0.0.1:19467"
+INGEST="127.0.0.1:19480"
 
 scripts/setup.sh
 echo "demo: building sieve (first time: many minutes)"
@@ -60,7 +62,23 @@ start() { # start ADDR LOG ARGS…: a sieve service in the background
 stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 
-# 1. Dedup ----------------------------------------------------------------------------------
+# 1. Ingest and dedup ----------------------------------------------------------------------
+SIEVE_INGEST_API_KEYS="demo-key-0001@demo:*" RUST_LOG=warn "$SIEVE" ingest serve --listen "$INGEST" \
+  --brokers "$BROKERS" 2>>"$WORK/ingest.log" &
+PIDS+=($!); INGEST_PID=$!
+until curl -sf "http://$INGEST/readyz" >/dev/null 2>&1; do sleep 0.2; done
+post() { # post IDEMPOTENCY-KEY BODY: the HTTP status and the first 160 bytes of the answer
+  curl -s -o "$WORK/answer" -w '%{http_code}' -H 'Authorization: Bearer demo-key-0001' \
+    -H 'Content-Type: application/json' -H "Idempotency-Key: $1" -d "$2" "http://$INGEST/v1/events/events"
+  echo " $(head -c 160 "$WORK/answer")"
+}
+batch='[{"event_id":"http-1","user_id":"u1","type":"purchase","amount_cents":500},
+        {"event_id":"http-2","user_id":"u2","type":"refund","amount_cents":100},
+        {"event_id":"http-3","user_id":"u3","type":"login"}]'
+echo "demo: POST a batch of 3:            $(post batch-1 "$batch")"
+echo "demo: the client retries it:        $(post batch-1 "$batch")"
+echo "demo: a record with a wrong type:   $(post bad-1 '{"event_id":"http-4","user_id":"u4","type":"purchase","amount_cents":"ten"}')"
+stop "$INGEST_PID"
 echo "demo: producing $COUNT events (20% retries, 1% conflicts) to events.raw"
 "$SIEVE" ctl gen events --count "$COUNT" --topic events.raw --brokers "$BROKERS"
 started=$(date +%s%N)
@@ -76,6 +94,7 @@ dedup_ms=$(ms_since "$started")
 stop "$DEDUP_PID"
 unique=$(count events.unique)
 dlq=$(count dlq.dedup)
+raw=$(count events.raw)
 distinct=$(count events.unique --distinct-keys)
 expected=$("$SIEVE" ctl gen events --count "$COUNT" --summary)
 
@@ -132,11 +151,12 @@ stop "$PLANNER_PID"; stop "$DELIVER_PID"
 secs() { echo "$(($1 / 1000)).$(( ($1 % 1000) / 100 ))"; }
 cat <<SUMMARY
 
-  1. sieve dedup — $COUNT events in $(secs "$dedup_ms") s, one SIGKILL in the middle
+  1. sieve ingest + sieve dedup — $raw events in $(secs "$dedup_ms") s, one SIGKILL in the middle
+     over HTTP:           3 accepted, the same 3 retried, 1 refused with 400
      generated:           $expected
      events.unique:       $unique records, $distinct distinct keys (each key exactly once)
      dlq.dedup:           $dlq idempotency conflicts
-     reconciliation:      in $COUNT = unique $unique + duplicates $((COUNT - unique - dlq)) + dlq $dlq
+     reconciliation:      in $raw = unique $unique + duplicates $((raw - unique - dlq)) + dlq $dlq
 
   2. sieve antijoin stream — $LEGACY legacy records against the current users in $(secs "$antijoin_ms") s
      antijoin.out:        $missing_keys distinct legacy ids with no current match

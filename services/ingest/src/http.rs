@@ -56,6 +56,7 @@ async fn post_events(
     body: Body,
 ) -> Response {
     let start = Instant::now();
+    let _in_flight = metrics::InFlight::start();
     // Unknown names stay out of metric labels (clients choose them).
     let label = if app.registry.get(&stream).is_some() {
         stream.as_str()

@@ -7,6 +7,7 @@ pub const REQUEST_SECONDS: &str = "sieve_ingest_request_seconds";
 pub const RECORDS: &str = "sieve_ingest_records_total";
 pub const REJECTED: &str = "sieve_ingest_rejected_total";
 pub const INFLIGHT: &str = "sieve_ingest_inflight_records";
+pub const REQUESTS_IN_FLIGHT: &str = "sieve_ingest_requests_in_flight";
 pub const FILE_RECORDS: &str = "sieve_ingest_file_records_total";
 
 pub fn describe() {
@@ -26,10 +27,30 @@ pub fn describe() {
         INFLIGHT,
         "Records produced and not yet acknowledged (the in-flight budget in use)."
     );
+    describe_gauge!(
+        REQUESTS_IN_FLIGHT,
+        "Requests whose headers arrived and whose answer is not sent yet."
+    );
     describe_counter!(
         FILE_RECORDS,
         "Bulk loader records, by outcome (accepted, rejected, skipped = before the checkpoint)."
     );
+}
+
+/// Counts a request in flight for as long as it lives, however it ends.
+pub struct InFlight;
+
+impl InFlight {
+    pub fn start() -> Self {
+        metrics::gauge!(REQUESTS_IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(REQUESTS_IN_FLIGHT).decrement(1.0);
+    }
 }
 
 pub fn request(stream: &str, status: u16, seconds: f64) {

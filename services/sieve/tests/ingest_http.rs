@@ -301,6 +301,11 @@ fn graceful_stop_finishes_the_request_in_flight(
         body.len()
     )?;
     conn.flush()?;
+    // SIGTERM only once the server has the request: a connection whose request has not
+    // started yet is idle, and a graceful stop closes idle connections.
+    wait_for("the request in flight", Duration::from_secs(10), || {
+        (ingest.svc.metric("sieve_ingest_requests_in_flight", &[]) == Some(1.0)).then_some(())
+    })?;
     let pid = ingest.svc.pid().context("pid")?;
     // SAFETY: a signal to our own child.
     unsafe {
