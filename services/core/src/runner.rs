@@ -38,6 +38,7 @@ use crate::error::{CoreError, Result};
 use crate::failpoint;
 use crate::kafka::Clients;
 use crate::record::{Output, OutputId, ID_HEADER};
+use crate::replay::{self, Replay};
 use crate::side::{self, tp_key, SideReader, SideTable, Tp};
 use crate::store::{Changes, PartitionMeta, PartitionStore};
 use crate::telemetry::{names, Health};
@@ -75,6 +76,11 @@ pub trait OperatorFactory: Send + 'static {
     fn side_table(&mut self) -> Option<&mut dyn SideTable> {
         None
     }
+    /// How much input before a replay offset rebuilds the state a replay wiped (dedup: its
+    /// TTL); `None` replays from empty state (see `replay.rs`).
+    fn warmup(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// What an operator sees while processing one record: its partition's state (with the
@@ -86,7 +92,20 @@ pub struct Ctx<'a> {
     recovering: bool,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// A context whose outputs the caller owns (replay warm-up discards them).
+    pub(crate) fn new(
+        store: &'a PartitionStore,
+        changes: &'a mut Changes,
+        outputs: &'a mut Vec<Output>,
+    ) -> Self {
+        Ctx {
+            store,
+            changes,
+            outputs,
+            recovering: false,
+        }
+    }
     pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.store.get(self.changes, cf, key)
     }
@@ -153,6 +172,7 @@ struct Engine<F: OperatorFactory> {
     partitions: HashMap<Tp, Partition<F::Op>>,
     health: Arc<Health>,
     side: Option<SideReader>,
+    replay: Replay,
     /// An error raised inside a rebalance callback, returned by the loop.
     fatal: Option<CoreError>,
 }
@@ -347,7 +367,18 @@ impl<F: OperatorFactory> Engine<F> {
             ..Default::default()
         });
         meta.changelog_pos = meta.changelog_pos.max(cl_end);
-        let op = self.factory.open(topic, partition, &store)?;
+        let io = replay::Io {
+            reader: &self.reader,
+            producer: &self.producer,
+            group: &self.group,
+            topic,
+            partition,
+        };
+        let (store, replayed) = self.replay.honour(&self.factory, &io, store, &mut meta)?;
+        let op = match replayed {
+            Some(op) => op,
+            None => self.factory.open(topic, partition, &store)?,
+        };
         metrics::gauge!(names::STATE_BYTES, "topic" => topic.to_string(), "partition" => partition.to_string())
             .set(store.approximate_bytes() as f64);
         tracing::info!(
@@ -856,7 +887,7 @@ fn send_output(
 
 /// Queues the changelog group of one batch of input partition `tp`: its changes, then its
 /// meta, to the changelog partition of the same number.
-fn send_changelog_group(
+pub(crate) fn send_changelog_group(
     producer: &FutureProducer,
     group: &str,
     tp: &Tp,
@@ -879,7 +910,7 @@ fn send_changelog_group(
 }
 
 /// Waits for changelog writes; returns the changelog position after the last one.
-fn settle_changelog(pending: Vec<DeliveryFuture>) -> Result<Option<i64>> {
+pub(crate) fn settle_changelog(pending: Vec<DeliveryFuture>) -> Result<Option<i64>> {
     let mut pos = None;
     for r in block_on(join_all(pending)) {
         pos = Some(delivered(r)?.1 + 1);
@@ -948,6 +979,7 @@ pub fn run<F: OperatorFactory>(
         partitions: HashMap::new(),
         health: health.clone(),
         side,
+        replay: Replay::new(clients, &args.group)?,
         fatal: None,
     }));
     // Broadcast side tables are loaded to their end before any input is judged.

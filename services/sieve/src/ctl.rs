@@ -97,7 +97,7 @@ pub fn produce_events(kafka: KafkaArgs, topic: &str, spec: EventSpec) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
-fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
+pub(crate) fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
     for r in futures::executor::block_on(join_all(pending.drain(..))) {
         match r {
             Ok(Ok(_)) => {}
@@ -109,7 +109,7 @@ fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Resul
 }
 
 /// (low, high) watermarks of every partition of `topic`.
-fn watermarks(
+pub(crate) fn watermarks(
     clients: &Clients,
     reader: &BaseConsumer,
     topic: &str,

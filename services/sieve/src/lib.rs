@@ -2,3 +2,4 @@
 
 pub mod ctl;
 pub mod gen;
+pub mod replay;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use sieve::ctl;
 use sieve::gen::{EventSpec, UsersSpec};
+use sieve::replay::{self, Target};
 use sieve_core::config::{KafkaArgs, LogFormat, ServiceArgs};
 use sieve_dedup::DedupArgs;
 
@@ -83,6 +84,54 @@ enum Ctl {
         #[arg(long)]
         total: bool,
     },
+    /// Rewind a stopped consumer group (like `kafka-consumer-groups --reset-offsets`); its
+    /// stateful services rebuild their state for the replay when they start.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["to_earliest", "to_latest", "to_datetime", "to_offset", "shift_by"])))]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["dry_run", "execute"])))]
+struct ReplayArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[arg(long)]
+    group: String,
+    #[arg(long)]
+    topic: String,
+    /// Only these partitions (comma separated); all by default.
+    #[arg(long, value_delimiter = ',')]
+    partitions: Vec<i32>,
+    #[arg(long)]
+    to_earliest: bool,
+    #[arg(long)]
+    to_latest: bool,
+    /// The first record at or after this instant (RFC 3339, e.g. 2026-11-20T10:00:00Z).
+    #[arg(long, value_parser = sieve::replay::parse_datetime)]
+    to_datetime: Option<i64>,
+    #[arg(long)]
+    to_offset: Option<i64>,
+    /// Move the committed offset by N (negative: back).
+    #[arg(long, allow_hyphen_values = true)]
+    shift_by: Option<i64>,
+    /// Print the plan, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Commit the new offsets.
+    #[arg(long)]
+    execute: bool,
+}
+
+impl ReplayArgs {
+    fn target(&self) -> Target {
+        match (self.to_datetime, self.to_offset, self.shift_by) {
+            (Some(t), _, _) => Target::Datetime(t),
+            (_, Some(o), _) => Target::Offset(o),
+            (_, _, Some(n)) => Target::ShiftBy(n),
+            _ if self.to_latest => Target::Latest,
+            _ => Target::Earliest,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -230,6 +279,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 topic,
                 total,
             } => ctl::lag(kafka, &group, &topic, total),
+            Ctl::Replay(args) => {
+                let target = args.target();
+                replay::run(
+                    args.kafka,
+                    &replay::Args {
+                        group: &args.group,
+                        topic: &args.topic,
+                        partitions: &args.partitions,
+                        target,
+                        execute: args.execute,
+                    },
+                )
+            }
             Ctl::Gen {
                 command:
                     GenCmd::Events {
