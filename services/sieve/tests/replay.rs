@@ -1,0 +1,375 @@
+//! `sieve ctl replay` of `sieve dedup` end to end, on a real local broker: a replay re-emits
+//! exactly what the first run emitted for the replayed range (same ids, keys and order per
+//! output partition), retries of keys seen before the replay point are still duplicates, a
+//! dry run changes nothing, and a group with a running member is refused.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{ensure, Result};
+use rdkafka::message::Message;
+use sieve::gen::{self, Event, EventKind, EventSpec};
+use sieve_core::record::OutputId;
+use sieve_tests::{unique, wait_for, Broker, Service, TestRecord};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sieve");
+
+/// One output record: where it is, which input produced it, and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Out {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    id: (i32, i64, u32),
+    key: Vec<u8>,
+}
+
+struct Pipeline {
+    broker: Broker,
+    raw: String,
+    uniq: String,
+    dlq: String,
+    group: String,
+    dir: tempfile::TempDir,
+}
+
+impl Pipeline {
+    fn new(partitions: i32) -> Result<Pipeline> {
+        let broker = Broker::start()?;
+        let (raw, uniq, dlq) = (unique("raw"), unique("unique"), unique("dlq"));
+        broker.create_topic(&raw, partitions)?;
+        broker.create_topic(&uniq, partitions)?;
+        broker.create_topic(&dlq, 1)?;
+        Ok(Pipeline {
+            broker,
+            raw,
+            uniq,
+            dlq,
+            group: unique("dedup"),
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    fn produce(&self, events: &[Event]) -> Result<()> {
+        self.broker.produce_records(
+            &self.raw,
+            events.iter().map(|e| TestRecord {
+                key: e.key.as_bytes(),
+                value: &e.payload,
+                headers: vec![("idempotency-key", e.key.as_bytes())],
+                timestamp_ms: None,
+            }),
+        )?;
+        Ok(())
+    }
+
+    fn spawn(&self) -> Result<Service> {
+        let state = self.dir.path().join("state").display().to_string();
+        let args: Vec<String> = [
+            "dedup",
+            "--input",
+            &self.raw,
+            "--output",
+            &self.uniq,
+            "--dlq",
+            &self.dlq,
+            "--brokers",
+            &self.broker.addr(),
+            "--group",
+            &self.group,
+            "--state-dir",
+            &state,
+            "-X",
+            "session.timeout.ms=6000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Service::spawn(Path::new(BIN), &args, &[], self.dir.path())
+    }
+
+    /// `sieve ctl replay` for this pipeline's group and input; exit code and all output.
+    fn replay(&self, args: &[&str]) -> Result<(i32, String)> {
+        let addr = self.broker.addr();
+        let out = Command::new(BIN)
+            .args([
+                "ctl",
+                "replay",
+                "--brokers",
+                &addr,
+                "--group",
+                &self.group,
+                "--topic",
+                &self.raw,
+            ])
+            .args(args)
+            .env("RUST_LOG", "off")
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.code().unwrap_or(-1), text))
+    }
+
+    /// Waits until the output and the DLQ hold at least these counts.
+    fn wait_for_counts(&self, svc: &mut Service, uniq: usize, dlq: usize) -> Result<()> {
+        wait_for("dedup outputs", Duration::from_secs(180), || {
+            if svc.restart_if_unassigned(Duration::from_secs(40)).is_err() {
+                return None;
+            }
+            let u = self.broker.count(&self.uniq).ok()?;
+            let d = self.broker.count(&self.dlq).ok()?;
+            (u >= uniq as i64 && d >= dlq as i64).then_some(())
+        })
+        .map_err(|e| e.context(svc.log_tail(30)))
+    }
+
+    /// Every output and DLQ record, in offset order per partition.
+    fn outputs(&self) -> Result<Vec<Out>> {
+        let mut all = Vec::new();
+        for topic in [&self.uniq, &self.dlq] {
+            for m in self.broker.read_all(topic)? {
+                let id = OutputId::of(&m)
+                    .map(|id| (id.partition, id.offset, id.index))
+                    .ok_or_else(|| anyhow::anyhow!("output without a sieve-id"))?;
+                all.push(Out {
+                    topic: topic.clone(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    id,
+                    key: m.key().unwrap_or_default().to_vec(),
+                });
+            }
+        }
+        Ok(all)
+    }
+}
+
+fn generated(count: u64, seed: u64) -> Vec<Event> {
+    gen::events(EventSpec {
+        count,
+        retry_rate: 0.2,
+        conflict_rate: 0.02,
+        seed,
+        ..Default::default()
+    })
+    .collect()
+}
+
+fn count(events: &[Event], kind: EventKind) -> usize {
+    events.iter().filter(|e| e.kind == kind).count()
+}
+
+/// (id, key) per output topic and partition and input partition, in order: the order of
+/// outputs of one input partition is defined, their interleaving with another's is not.
+type Streams = BTreeMap<(String, i32, i32), Vec<((i32, i64, u32), Vec<u8>)>>;
+
+fn streams<'a>(outs: impl Iterator<Item = &'a Out>) -> Streams {
+    let mut s = Streams::new();
+    for o in outs {
+        s.entry((o.topic.clone(), o.partition, o.id.0))
+            .or_default()
+            .push((o.id, o.key.clone()));
+    }
+    s
+}
+
+/// The first run's outputs of inputs at or after each replayed partition's offset, and the
+/// outputs written after the first run: they must be the same streams.
+fn check_replayed(first: &[Out], now: &[Out], from: &BTreeMap<i32, i64>) -> Result<()> {
+    let expected = streams(
+        first
+            .iter()
+            .filter(|o| from.get(&o.id.0).is_some_and(|f| o.id.1 >= *f)),
+    );
+    let seen: HashSet<(String, i32, i64)> = first
+        .iter()
+        .map(|o| (o.topic.clone(), o.partition, o.offset))
+        .collect();
+    let replayed = streams(
+        now.iter()
+            .filter(|o| !seen.contains(&(o.topic.clone(), o.partition, o.offset))),
+    );
+    let n: usize = expected.values().map(Vec::len).sum();
+    ensure!(n > 0, "nothing to replay: the test proves nothing");
+    ensure!(
+        replayed == expected,
+        "replayed outputs differ from the first run's: expected {n} records, got {}",
+        replayed.values().map(Vec::len).sum::<usize>()
+    );
+    Ok(())
+}
+
+/// Records at or after `from` in a partition whose key first appeared before it: retries
+/// that only a warmed-up state recognises.
+fn retries_across(broker: &Broker, topic: &str, partition: i32, from: i64) -> Result<usize> {
+    let mut before = HashSet::new();
+    let mut across = 0;
+    for m in broker.read_all(topic)? {
+        if m.partition() != partition {
+            continue;
+        }
+        let k = m.key().unwrap_or_default().to_vec();
+        if m.offset() < from {
+            before.insert(k);
+        } else if before.contains(&k) {
+            across += 1;
+        }
+    }
+    Ok(across)
+}
+
+#[test]
+fn replay_to_offset_and_to_earliest_give_the_first_runs_output_again() -> Result<()> {
+    let p = Pipeline::new(2)?;
+    let events = generated(6_000, 21);
+    let (new, conflicts) = (
+        count(&events, EventKind::New),
+        count(&events, EventKind::Conflict),
+    );
+    p.produce(&events)?;
+    let mut svc = p.spawn()?;
+    p.wait_for_counts(&mut svc, new, conflicts)?;
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+    let first = p.outputs()?;
+    ensure!(
+        first.len() == new + conflicts,
+        "first run: {} outputs",
+        first.len()
+    );
+    let committed = p.broker.committed(&p.group, &p.raw)?;
+
+    // A dry run prints the plan and changes nothing.
+    let (code, out) = p.replay(&["--to-offset", "1000", "--dry-run"])?;
+    ensure!(
+        code == 0 && out.contains("dry run") && out.contains("1000"),
+        "{out}"
+    );
+    ensure!(
+        p.broker.committed(&p.group, &p.raw)? == committed,
+        "dry run moved offsets"
+    );
+
+    let (code, out) = p.replay(&["--partitions", "0", "--to-earliest", "--execute"])?;
+    ensure!(code == 0, "{out}");
+    let (code, out) = p.replay(&["--partitions", "1", "--to-offset", "1000", "--execute"])?;
+    ensure!(code == 0, "{out}");
+    let from = BTreeMap::from([(0, 0), (1, 1000)]);
+    ensure!(
+        p.broker.committed(&p.group, &p.raw)? == from,
+        "offsets not reset"
+    );
+    ensure!(
+        retries_across(&p.broker, &p.raw, 1, 1000)? > 0,
+        "no retry crosses the replay point"
+    );
+
+    let expected_again = first.iter().filter(|o| o.id.1 >= from[&o.id.0]).count();
+    let mut svc = p.spawn()?;
+    wait_for("replayed outputs", Duration::from_secs(180), || {
+        (p.outputs().ok()?.len() >= first.len() + expected_again).then_some(())
+    })?;
+    // Retries after the replay are still duplicates: nothing more is emitted.
+    let retries: Vec<Event> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::New)
+        .take(300)
+        .cloned()
+        .collect();
+    p.produce(&retries)?;
+    let reprocessed: i64 = committed.values().sum::<i64>() - 1000 + retries.len() as i64;
+    wait_for(
+        "replay and retries processed",
+        Duration::from_secs(120),
+        || {
+            let n = svc.metric("sieve_records_in_total", &[])?;
+            (n as i64 >= reprocessed).then_some(())
+        },
+    )?;
+    let replays = svc.metric("sieve_replays_total", &[]).unwrap_or(0.0);
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+    ensure!(replays == 2.0, "{replays} partitions replayed");
+    let now = p.outputs()?;
+    ensure!(
+        now.len() == first.len() + expected_again,
+        "{} outputs after the replay, expected {}",
+        now.len(),
+        first.len() + expected_again
+    );
+    check_replayed(&first, &now, &from)
+}
+
+#[test]
+fn replay_to_a_datetime_between_two_phases() -> Result<()> {
+    let p = Pipeline::new(2)?;
+    let events = generated(4_000, 31);
+    let (phase1, phase2) = events.split_at(2_000);
+    p.produce(phase1)?;
+    let ends1 = p.broker.end_offsets(&p.raw)?;
+    // Every phase-1 record was stored before `between`, every phase-2 record is created
+    // after it: the split holds whether the broker indexes record or storage time.
+    let between = SystemTime::now();
+    wait_for(
+        "the clock to pass the split",
+        Duration::from_secs(5),
+        || (between.elapsed().ok()? >= Duration::from_millis(20)).then_some(()),
+    )?;
+    p.produce(phase2)?;
+    let (new, conflicts) = (
+        count(&events, EventKind::New),
+        count(&events, EventKind::Conflict),
+    );
+    let mut svc = p.spawn()?;
+    p.wait_for_counts(&mut svc, new, conflicts)?;
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+    let first = p.outputs()?;
+
+    let at = humantime::format_rfc3339_millis(between).to_string();
+    let (code, out) = p.replay(&["--to-datetime", &at, "--execute"])?;
+    ensure!(code == 0, "{out}");
+    ensure!(
+        p.broker.committed(&p.group, &p.raw)? == ends1,
+        "--to-datetime {at} did not land on the phase boundary:\n{out}"
+    );
+    for (part, end) in &ends1 {
+        ensure!(retries_across(&p.broker, &p.raw, *part, *end)? > 0);
+    }
+    let expected_again = first.iter().filter(|o| o.id.1 >= ends1[&o.id.0]).count();
+    let mut svc = p.spawn()?;
+    wait_for("replayed outputs", Duration::from_secs(180), || {
+        (p.outputs().ok()?.len() >= first.len() + expected_again).then_some(())
+    })?;
+    let total: i64 = p.broker.end_offsets(&p.raw)?.values().sum();
+    let reprocessed = total - ends1.values().sum::<i64>();
+    wait_for("phase 2 reprocessed", Duration::from_secs(120), || {
+        (svc.metric("sieve_records_in_total", &[])? as i64 >= reprocessed).then_some(())
+    })?;
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+    let now = p.outputs()?;
+    ensure!(now.len() == first.len() + expected_again);
+    check_replayed(&first, &now, &ends1)
+}
+
+#[test]
+fn replay_is_refused_while_a_member_is_active() -> Result<()> {
+    let p = Pipeline::new(1)?;
+    let events = generated(200, 41);
+    p.produce(&events)?;
+    let mut svc = p.spawn()?;
+    p.wait_for_counts(&mut svc, count(&events, EventKind::New), 0)?;
+    let committed = p.broker.committed(&p.group, &p.raw)?;
+    let pid = svc.pid().unwrap_or_default();
+    let (code, out) = p.replay(&["--to-earliest", "--execute"])?;
+    ensure!(code != 0, "replay ran beside a member:\n{out}");
+    ensure!(
+        out.contains("active member") && out.contains(&format!("pid {pid}")),
+        "the refusal does not name member pid {pid}:\n{out}"
+    );
+    ensure!(p.broker.committed(&p.group, &p.raw)? == committed);
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+    // A member that stopped is no longer one.
+    let (code, out) = p.replay(&["--to-earliest", "--dry-run"])?;
+    ensure!(code == 0, "{out}");
+    Ok(())
+}
