@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sieve::ctl;
+use sieve::dlq;
 use sieve::gen::{EventSpec, UsersSpec};
 use sieve::replay::{self, Target};
 use sieve_core::config::{KafkaArgs, LogFormat, ServiceArgs};
@@ -87,6 +88,60 @@ enum Ctl {
     /// Rewind a stopped consumer group (like `kafka-consumer-groups --reset-offsets`); its
     /// stateful services rebuild their state for the replay when they start.
     Replay(ReplayArgs),
+    /// Dead-letter topics: reasons with counts, records, redrive.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCmd {
+    /// Reasons with counts and first and last times.
+    List(DlqArgs),
+    /// Records: offset, reason, detail, source, payload preview.
+    Show(DlqArgs),
+    /// Re-publish original bytes and headers to the source topic (or --to-topic), each DLQ
+    /// record at most once.
+    Redrive {
+        #[command(flatten)]
+        args: DlqArgs,
+        /// Destination instead of each record's source topic.
+        #[arg(long)]
+        to_topic: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DlqArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// The DLQ topic, e.g. dlq.dedup.
+    #[arg(long)]
+    topic: String,
+    /// Only records with this reason (the sieve-dlq-reason header).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only records dead-lettered at or after this instant (RFC 3339).
+    #[arg(long, value_parser = sieve::replay::parse_datetime)]
+    since: Option<i64>,
+    /// Only records dead-lettered before this instant (RFC 3339).
+    #[arg(long, value_parser = sieve::replay::parse_datetime)]
+    to: Option<i64>,
+    /// At most this many records.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl DlqArgs {
+    fn filter(&self) -> dlq::Filter {
+        dlq::Filter {
+            reason: self.reason.clone(),
+            since: self.since,
+            to: self.to,
+            limit: self.limit,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -279,6 +334,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 topic,
                 total,
             } => ctl::lag(kafka, &group, &topic, total),
+            Ctl::Dlq {
+                command: DlqCmd::List(a),
+            } => dlq::list(a.kafka.clone(), &a.topic, &a.filter()),
+            Ctl::Dlq {
+                command: DlqCmd::Show(a),
+            } => dlq::show(a.kafka.clone(), &a.topic, &a.filter()),
+            Ctl::Dlq {
+                command: DlqCmd::Redrive { args: a, to_topic },
+            } => dlq::redrive(a.kafka.clone(), &a.topic, &a.filter(), to_topic.as_deref()),
             Ctl::Replay(args) => {
                 let target = args.target();
                 replay::run(
