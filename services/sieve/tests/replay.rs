@@ -5,13 +5,15 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Result};
 use common::{count, generated, Out, Pipeline};
 use rdkafka::message::Message;
 use sieve::gen::{Event, EventKind};
+use sieve_core::changelog;
+use sieve_core::store::{bucket_cf, PartitionStore, DEFAULT_CF};
 use sieve_tests::{wait_for, Broker};
 
 /// (id, key) per output topic and partition and input partition, in order: the order of
@@ -224,5 +226,88 @@ fn replay_is_refused_while_a_member_is_active() -> Result<()> {
     // A member that stopped is no longer one.
     let (code, out) = p.replay(&["--to-earliest", "--dry-run"])?;
     ensure!(code == 0, "{out}");
+    Ok(())
+}
+
+/// Every state key of a store: (column family, key).
+fn state_keys(store: &PartitionStore) -> Result<BTreeSet<(String, Vec<u8>)>> {
+    let mut cfs: Vec<String> = store.buckets().iter().map(|b| bucket_cf(b)).collect();
+    cfs.push(DEFAULT_CF.to_string());
+    let mut keys = BTreeSet::new();
+    for cf in cfs {
+        for (k, _) in store.scan_prefix(&cf, b"")? {
+            keys.insert((cf.clone(), k));
+        }
+    }
+    Ok(keys)
+}
+
+#[test]
+fn a_restore_after_a_replay_brings_no_pre_replay_state_back() -> Result<()> {
+    let p = Pipeline::new(1)?;
+    let events = generated(3_000, 61);
+    let (phase1, phase2) = events.split_at(1_500);
+    p.produce(phase1)?;
+    let split = SystemTime::now();
+    wait_for("phase 1 to age", Duration::from_secs(10), || {
+        (split.elapsed().ok()? >= Duration::from_secs(3)).then_some(())
+    })?;
+    p.produce(phase2)?;
+    let mut svc = p.spawn()?;
+    let (new, conflicts) = (
+        count(&events, EventKind::New),
+        count(&events, EventKind::Conflict),
+    );
+    p.wait_for_counts(&mut svc, new, conflicts)?;
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+
+    // Replay to the end with a TTL that only covers phase 2: the warm-up rebuilds phase 2's
+    // keys, and phase 1's keys must be gone from the local store and from the changelog.
+    let (code, out) = p.replay(&["--to-latest", "--execute"])?;
+    ensure!(code == 0, "{out}");
+    let mut svc = p.spawn_with(&["--ttl", "1s", "--buckets", "1"])?;
+    wait_for("replay honoured", Duration::from_secs(120), || {
+        (svc.metric("sieve_replays_total", &[])? >= 1.0).then_some(())
+    })?;
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+
+    let local_path = p
+        .dir
+        .path()
+        .join("state")
+        .join(&p.group)
+        .join(format!("{}-0", p.raw));
+    let local = state_keys(&PartitionStore::open(&local_path)?)?;
+    let restored_dir = tempfile::tempdir()?;
+    let mut restored = PartitionStore::open(restored_dir.path())?;
+    let clients = p.broker.clients();
+    let reader = clients.reader()?;
+    let cl = changelog::topic_name(&p.group, &p.raw);
+    let cl_end = p.broker.end_offsets(&cl)?[&0];
+    changelog::restore(&reader, &mut restored, &cl, 0, cl_end, |_| {})?;
+    let restored = state_keys(&restored)?;
+    let phase1_only: HashSet<&[u8]> = {
+        let later: HashSet<&[u8]> = phase2.iter().map(|e| e.key.as_bytes()).collect();
+        phase1
+            .iter()
+            .map(|e| e.key.as_bytes())
+            .filter(|k| !later.contains(k))
+            .collect()
+    };
+    let is_phase1 = |(_, k): &(String, Vec<u8>)| phase1_only.contains(k.as_slice());
+    ensure!(!local.is_empty(), "the warm-up rebuilt nothing");
+    ensure!(
+        !local.iter().any(is_phase1),
+        "the replay kept phase-1 keys locally"
+    );
+    ensure!(
+        !restored.iter().any(is_phase1),
+        "a restore from the changelog brought back {} phase-1 keys",
+        restored.iter().filter(|k| is_phase1(k)).count()
+    );
+    ensure!(
+        restored == local,
+        "restored state differs from the local state"
+    );
     Ok(())
 }

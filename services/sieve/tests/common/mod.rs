@@ -64,6 +64,11 @@ impl Pipeline {
     }
 
     pub fn spawn(&self) -> Result<Service> {
+        self.spawn_with(&[])
+    }
+
+    /// `sieve dedup` for this pipeline with extra flags.
+    pub fn spawn_with(&self, extra: &[&str]) -> Result<Service> {
         let state = self.dir.path().join("state").display().to_string();
         let args: Vec<String> = [
             "dedup",
@@ -83,6 +88,7 @@ impl Pipeline {
             "session.timeout.ms=6000",
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
         Service::spawn(Path::new(BIN), &args, &[], self.dir.path())
