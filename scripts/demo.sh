@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# The demo: a fresh local broker, 100 000 generated events with 20 % client retries and 1 %
-# idempotency conflicts, `sieve dedup` killed with SIGKILL mid-run and restarted, then the
-# reconciliation read back from the topics themselves.
+# The demo, on a fresh local broker:
+#   1. dedup: 100 000 generated events with 20 % client retries and 1 % idempotency
+#      conflicts, `sieve dedup` killed with SIGKILL mid-run and restarted, reconciled from
+#      the topics themselves;
+#   2. anti-join: legacy users minus current users (hot key `guest`) as a continuous stream,
+#      checked against the file anti-join on the same data;
+#   3. notify: a celebrity's fan-out to 150 000 followers with P0 2FA codes sent while it runs,
+#      and the codes' latency.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sieve/target}"
 COUNT="${SIEVE_DEMO_EVENTS:-100000}"
+LEGACY="${SIEVE_DEMO_LEGACY:-50000}"
+FOLLOWERS="${SIEVE_DEMO_FOLLOWERS:-150000}"
 PORT="${SIEVE_DEMO_PORT:-19092}"
-METRICS="127.0.0.1:${SIEVE_DEMO_METRICS_PORT:-19464}"
 BROKERS="127.0.0.1:$PORT"
+M_DEDUP="127.0.0.1:19464"
+M_ANTIJOIN="127.0.0.1:19465"
+M_PLANNER="127.0.0.1:19466"
+M_DELIVER="127.0.0.1:19467"
 
 scripts/setup.sh
 echo "demo: building sieve (first time: many minutes)"
@@ -17,55 +27,127 @@ SIEVE="$CARGO_TARGET_DIR/debug/sieve"
 
 WORK=$(mktemp -d)
 export SIEVE_BROKER_DIR="$WORK/broker"
-DEDUP_PID=""
+PIDS=()
 cleanup() {
-  [ -n "$DEDUP_PID" ] && kill "$DEDUP_PID" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   scripts/broker.sh stop
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 scripts/broker.sh start "$PORT"
-
 "$SIEVE" ctl topics apply --brokers "$BROKERS" --file deploy/topics.toml >/dev/null
+
+metric() { # metric ADDR NAME [LABELS]: sum of the samples of NAME whose labels contain LABELS
+  curl -s "http://$1/metrics" | awk -v n="$2" -v l="${3:-}" '
+    ($1 == n || index($1, n "{") == 1) && index($1, l) > 0 { s += $2 } END { printf "%d", s }'
+}
+quantile_ms() { # quantile_ms ADDR NAME LABELS Q: upper bound (ms) of the histogram bucket holding quantile Q
+  curl -s "http://$1/metrics" | awk -v n="$2_bucket{" -v l="$3" -v q="$4" '
+    index($1, n) == 1 && index($1, l) > 0 {
+      match($1, /le="[^"]*"/); les[++k] = substr($1, RSTART + 4, RLENGTH - 5); cs[k] = $2 }
+    END { for (i = 1; i <= k; i++) if (cs[i] >= q * cs[k]) {
+            if (les[i] == "+Inf") printf "over 10000"; else printf "%d", les[i] * 1000; exit } }'
+}
+count() { "$SIEVE" ctl topics count --brokers "$BROKERS" --topic "$@"; }
+lag() { "$SIEVE" ctl lag --brokers "$BROKERS" --group "$1" --topic "$2" --total 2>/dev/null || echo 1; }
+start() { # start ADDR LOG ARGS…: a sieve service in the background
+  local addr=$1 log=$2; shift 2
+  RUST_LOG=warn "$SIEVE" "$@" --brokers "$BROKERS" --state-dir "$WORK/state" \
+    --metrics-addr "$addr" -X session.timeout.ms=6000 2>>"$WORK/$log.log" &
+  PIDS+=($!)
+  LAST_PID=$!
+}
+stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+
+# 1. Dedup ----------------------------------------------------------------------------------
 echo "demo: producing $COUNT events (20% retries, 1% conflicts) to events.raw"
 "$SIEVE" ctl gen events --count "$COUNT" --topic events.raw --brokers "$BROKERS"
-
-metric() { # sum of a metric's samples from the running dedup
-  curl -s "http://$METRICS/metrics" | awk -v n="$1" '$1 == n || index($1, n "{") == 1 {s += $2} END {printf "%d", s}'
-}
-end_offsets() { # records in a topic, from the broker's end offsets
-  "$SIEVE" ctl topics count --brokers "$BROKERS" --topic "$1" 2>/dev/null || echo "?"
-}
-run_dedup() {
-  RUST_LOG=warn "$SIEVE" dedup --brokers "$BROKERS" --group demo-dedup --state-dir "$WORK/state" \
-    --metrics-addr "$METRICS" -X session.timeout.ms=6000 2>>"$WORK/dedup.log" &
-  DEDUP_PID=$!
-}
-
 started=$(date +%s%N)
-run_dedup
-until [ "$(metric sieve_records_in_total 2>/dev/null || echo 0)" -gt $((COUNT / 3)) ]; do sleep 0.2; done
-echo "demo: SIGKILL dedup after $(metric sieve_records_in_total) records (no graceful anything)"
-kill -9 "$DEDUP_PID"; wait "$DEDUP_PID" 2>/dev/null || true
-run_dedup
+start "$M_DEDUP" dedup dedup --group demo-dedup
+until [ "$(metric "$M_DEDUP" sieve_records_in_total 2>/dev/null || echo 0)" -gt $((COUNT / 3)) ]; do sleep 0.2; done
+echo "demo: SIGKILL dedup after $(metric "$M_DEDUP" sieve_records_in_total) records (no graceful anything)"
+kill -9 "$LAST_PID"; wait "$LAST_PID" 2>/dev/null || true
+start "$M_DEDUP" dedup dedup --group demo-dedup
+DEDUP_PID=$LAST_PID
 echo "demo: restarted; it resumes from its RocksDB state and checks the output tail"
-until curl -sf "http://$METRICS/readyz" >/dev/null 2>&1; do sleep 0.2; done
-until [ "$("$SIEVE" ctl lag --brokers "$BROKERS" --group demo-dedup --topic events.raw --total 2>/dev/null || echo 1)" = "0" ]; do sleep 0.5; done
-elapsed_ms=$(( ($(date +%s%N) - started) / 1000000 ))
-kill -TERM "$DEDUP_PID"; wait "$DEDUP_PID" 2>/dev/null || true; DEDUP_PID=""
-
-unique=$("$SIEVE" ctl topics count --brokers "$BROKERS" --topic events.unique)
-dlq=$("$SIEVE" ctl topics count --brokers "$BROKERS" --topic dlq.dedup)
-distinct=$("$SIEVE" ctl topics count --brokers "$BROKERS" --topic events.unique --distinct-keys)
+until [ "$(lag demo-dedup events.raw)" = "0" ]; do sleep 0.5; done
+dedup_ms=$(ms_since "$started")
+stop "$DEDUP_PID"
+unique=$(count events.unique)
+dlq=$(count dlq.dedup)
+distinct=$(count events.unique --distinct-keys)
 expected=$("$SIEVE" ctl gen events --count "$COUNT" --summary)
+
+# 2. Anti-join ------------------------------------------------------------------------------
+echo "demo: $LEGACY legacy users (5% 'guest') and the current users, to users.legacy / users.current"
+"$SIEVE" ctl gen users --side legacy --legacy "$LEGACY" --out "$WORK/legacy.ndjson"
+"$SIEVE" ctl gen users --side current --out "$WORK/current.ndjson"
+"$SIEVE" ctl produce --brokers "$BROKERS" --topic users.current --key-pointer /id <"$WORK/current.ndjson"
+"$SIEVE" ctl produce --brokers "$BROKERS" --topic users.legacy --key-pointer /id <"$WORK/legacy.ndjson"
+started=$(date +%s%N)
+start "$M_ANTIJOIN" antijoin antijoin stream --group demo-antijoin
+AJ_PID=$LAST_PID
+until [ "$(lag demo-antijoin users.legacy)" = "0" ]; do sleep 0.5; done
+antijoin_ms=$(ms_since "$started")
+matched=$(metric "$M_ANTIJOIN" sieve_antijoin_matched_total)
+bloom_neg=$(metric "$M_ANTIJOIN" sieve_antijoin_bloom_negatives_total)
+stop "$AJ_PID"
+missing_keys=$(count antijoin.out --distinct-keys)
+"$SIEVE" antijoin files --left "$WORK/legacy.ndjson" --right "$WORK/current.ndjson" \
+  --keys-only --out "$WORK/missing-keys.ndjson" --quiet 2>/dev/null
+file_keys=$(wc -l <"$WORK/missing-keys.ndjson")
+
+# 3. Notify ---------------------------------------------------------------------------------
+echo "demo: celebrity with $FOLLOWERS followers; alice has the app and a device token"
+"$SIEVE" ctl gen follows --author celebrity --followers "$FOLLOWERS" |
+  "$SIEVE" ctl produce --brokers "$BROKERS" --topic graph.follows --key-pointer /key
+now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
+echo "{\"user_id\":\"alice\",\"last_active\":\"$(now)\",\"device_tokens\":[\"tok-alice\"]}" |
+  "$SIEVE" ctl produce --brokers "$BROKERS" --topic users.prefs --key-pointer /user_id
+start "$M_PLANNER" planner notify planner --group demo-planner
+PLANNER_PID=$LAST_PID
+start "$M_DELIVER" deliver notify deliver --group demo-deliver
+DELIVER_PID=$LAST_PID
+until curl -sf "http://$M_DELIVER/readyz" >/dev/null 2>&1 && curl -sf "http://$M_PLANNER/readyz" >/dev/null 2>&1; do sleep 0.2; done
+started=$(date +%s%N)
+echo "{\"notification_id\":\"post-1\",\"priority\":2,\"category\":\"social\",\"template\":\"new_post\",\"channels\":[\"inapp\"],\"created_at\":\"$(now)\",\"author_id\":\"celebrity\",\"audience\":{\"followers_of\":\"celebrity\"}}" |
+  "$SIEVE" ctl produce --brokers "$BROKERS" --topic notify.requests.p2 --key-pointer /notification_id
+until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')" -gt 5000 ]; do sleep 0.2; done
+echo "demo: fan-out under way; sending 10 P0 2FA codes to alice"
+for i in $(seq 1 10); do
+  echo "{\"notification_id\":\"2fa-$i\",\"priority\":0,\"category\":\"security\",\"template\":\"2fa_code\",\"channels\":[\"push\"],\"created_at\":\"$(now)\",\"audience\":[\"alice\"]}" |
+    "$SIEVE" ctl produce --brokers "$BROKERS" --topic notify.requests.p0 --key-pointer /notification_id 2>/dev/null
+  sleep 0.1
+done
+until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="0",status="sent"')" -ge 10 ]; do sleep 0.2; done
+fanout_at_p0=$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')
+p0_p50=$(quantile_ms "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"' 0.5)
+p0_p99=$(quantile_ms "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"' 0.99)
+until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')" -ge "$FOLLOWERS" ]; do sleep 0.5; done
+fanout_ms=$(ms_since "$started")
+counts=$(curl -s "http://$M_DELIVER/v1/notifications/post-1")
+stop "$PLANNER_PID"; stop "$DELIVER_PID"
+
+secs() { echo "$(($1 / 1000)).$(( ($1 % 1000) / 100 ))"; }
 cat <<SUMMARY
 
-  sieve dedup — $COUNT events in $((elapsed_ms / 1000)).$(( (elapsed_ms % 1000) / 100 )) s, one SIGKILL in the middle
-  generated:            $expected
-  events.unique:        $unique records, $distinct distinct keys (each key exactly once)
-  dlq.dedup:            $dlq idempotency conflicts
-  duplicates dropped:   $((COUNT - unique - dlq))
-  reconciliation:       in $COUNT = unique $unique + duplicates $((COUNT - unique - dlq)) + dlq $dlq
+  1. sieve dedup — $COUNT events in $(secs "$dedup_ms") s, one SIGKILL in the middle
+     generated:           $expected
+     events.unique:       $unique records, $distinct distinct keys (each key exactly once)
+     dlq.dedup:           $dlq idempotency conflicts
+     reconciliation:      in $COUNT = unique $unique + duplicates $((COUNT - unique - dlq)) + dlq $dlq
 
-  Metrics while it runs: http://$METRICS/metrics  (sieve_dedup_*, sieve_records_*, sieve_consumer_lag)
+  2. sieve antijoin stream — $LEGACY legacy records against the current users in $(secs "$antijoin_ms") s
+     antijoin.out:        $missing_keys distinct legacy ids with no current match
+     antijoin files:      $file_keys on the same data (must be equal)
+     matched (suppressed) $matched records, incl. every 'guest'; Bloom answered $bloom_neg lookups alone
+
+  3. sieve notify — fan-out to $FOLLOWERS followers in $(secs "$fanout_ms") s ($(( FOLLOWERS * 1000 / (fanout_ms + 1) )) recipients/s)
+     10 P0 codes sent mid-fan-out, all delivered when the fan-out stood at $fanout_at_p0 of $FOLLOWERS
+     P0 latency:          p50 <= ${p0_p50} ms, p99 <= ${p0_p99} ms (created_at to decision, histogram buckets)
+     counts of post-1:    $counts
+
+  Metrics: http://$M_DEDUP/metrics http://$M_ANTIJOIN/metrics http://$M_DELIVER/metrics (while running)
 SUMMARY
+[ "$missing_keys" = "$file_keys" ] || { echo "demo: stream and file anti-join disagree" >&2; exit 1; }

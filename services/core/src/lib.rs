@@ -13,6 +13,7 @@ pub mod jsonfile;
 pub mod jsonkey;
 pub mod kafka;
 pub mod members;
+pub mod priority;
 pub mod record;
 pub mod replay;
 pub mod runner;

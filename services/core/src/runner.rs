@@ -37,6 +37,7 @@ use crate::config::{Guarantee, ServiceArgs};
 use crate::error::{CoreError, Result};
 use crate::failpoint;
 use crate::kafka::Clients;
+use crate::priority::Scheduler;
 use crate::record::{Output, OutputId, ID_HEADER};
 use crate::replay::{self, Replay};
 use crate::side::{self, tp_key, SideReader, SideTable, Tp};
@@ -74,6 +75,11 @@ pub trait OperatorFactory: Send + 'static {
     fn open(&self, topic: &str, partition: i32, store: &PartitionStore) -> Result<Self::Op>;
     /// A table read from side topics by every instance for itself (see `side.rs`).
     fn side_table(&mut self) -> Option<&mut dyn SideTable> {
+        None
+    }
+    /// Priority of each input topic (0 highest) and the starvation guard, for services
+    /// whose inputs must not wait behind each other (see `priority.rs`).
+    fn priorities(&self) -> Option<(BTreeMap<String, u8>, Duration)> {
         None
     }
     /// How much input before a replay offset rebuilds the state a replay wiped (dedup: its
@@ -779,6 +785,14 @@ impl<F: OperatorFactory> Engine<F> {
         self.finish_batch(futures, &touched)
     }
 
+    /// Each assigned partition with its next offset to process.
+    fn positions(&self) -> Vec<(Tp, i64)> {
+        self.partitions
+            .iter()
+            .map(|(tp, p)| (tp.clone(), p.meta.next_offset))
+            .collect()
+    }
+
     fn update_state_gauges(&self) {
         for ((t, p), part) in &self.partitions {
             metrics::gauge!(names::STATE_BYTES, "topic" => t.clone(), "partition" => p.to_string())
@@ -964,6 +978,9 @@ pub fn run<F: OperatorFactory>(
         ))?;
     }
     let mut factory = factory;
+    let mut scheduler = factory
+        .priorities()
+        .map(|(of_topic, guard)| Scheduler::new(of_topic, guard));
     let side = match factory.side_table() {
         Some(table) => Some(SideReader::new(clients, &reader, table)?),
         None => None,
@@ -1005,6 +1022,10 @@ pub fn run<F: OperatorFactory>(
     let result = loop {
         if shutdown.load(Ordering::SeqCst) {
             break Ok(());
+        }
+        if let Some(s) = scheduler.as_mut() {
+            let assigned = lock(&engine).positions();
+            s.schedule(&consumer, &assigned);
         }
         let deadline = Instant::now() + linger;
         while batch.len() < args.batch_records {

@@ -13,16 +13,19 @@
 //! or a re-emitted value for a key on a compacted topic).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::changelog;
 use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
+use crate::store::{Changes, PartitionMeta, PartitionStore, DEFAULT_CF};
 use crate::telemetry::names;
 
 /// Which side partitions an instance reads.
@@ -222,4 +225,87 @@ pub(crate) fn replay(
         f(&chunk)?;
     }
     Ok(())
+}
+
+/// Turns one side record into key writes (`None` deletes the key).
+pub type Mapper = Box<dyn Fn(&OwnedMessage) -> Vec<(Vec<u8>, Option<Vec<u8>>)> + Send>;
+
+/// A side table that is a plain key-value view of its topics, in its own RocksDB store,
+/// shared by the runtime (which feeds it) and the operators (which read it) on the one
+/// processing thread.
+#[derive(Clone)]
+pub struct KvTable(Arc<Mutex<KvInner>>);
+
+struct KvInner {
+    store: PartitionStore,
+    meta: PartitionMeta,
+    topics: Vec<String>,
+    mode: SideMode,
+    map: Mapper,
+}
+
+impl KvTable {
+    pub fn open(path: &Path, topics: Vec<String>, mode: SideMode, map: Mapper) -> Result<Self> {
+        let store = PartitionStore::open(path)?;
+        let meta = store.meta()?.unwrap_or_default();
+        Ok(KvTable(Arc::new(Mutex::new(KvInner {
+            store,
+            meta,
+            topics,
+            mode,
+            map,
+        }))))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, KvInner> {
+        // Commits are atomic: a panic elsewhere cannot leave the store half-written.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.lock().store.get(&Changes::default(), DEFAULT_CF, key)
+    }
+
+    /// Visits entries with `prefix` from `from` on while `f` returns true.
+    pub fn scan_from(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        self.lock().store.scan_from(DEFAULT_CF, prefix, from, f)
+    }
+}
+
+impl SideTable for KvTable {
+    fn topics(&self) -> Vec<String> {
+        self.lock().topics.clone()
+    }
+
+    fn mode(&self) -> SideMode {
+        self.lock().mode
+    }
+
+    fn positions(&self) -> BTreeMap<String, i64> {
+        self.lock().meta.side_pos.clone()
+    }
+
+    fn apply(&mut self, records: &[OwnedMessage]) -> Result<()> {
+        let mut inner = self.lock();
+        let mut changes = Changes::default();
+        for rec in records {
+            for (k, v) in (inner.map)(rec) {
+                match v {
+                    Some(v) => changes.put(DEFAULT_CF, &k, &v),
+                    None => changes.delete(DEFAULT_CF, &k),
+                }
+            }
+            inner
+                .meta
+                .side_pos
+                .insert(tp_key(rec.topic(), rec.partition()), rec.offset() + 1);
+        }
+        let meta = inner.meta.clone();
+        inner.store.commit(&changes, &meta)
+    }
 }

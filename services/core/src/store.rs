@@ -278,6 +278,29 @@ impl PartitionStore {
         Ok(())
     }
 
+    /// Visits committed entries with `prefix` from key `from` on, in key order, while `f`
+    /// returns true.
+    pub fn scan_from(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        from: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let Some(h) = self.db.cf_handle(cf) else {
+            return Ok(());
+        };
+        let start = if from < prefix { prefix } else { from };
+        let mode = rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(h, mode) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if !k.starts_with(prefix) || !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Committed entries whose key starts with `prefix`, in key order (small ranges only).
     pub fn scan_prefix(&self, cf: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();

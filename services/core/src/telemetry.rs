@@ -36,6 +36,7 @@ pub mod names {
     pub const SIDE_CATCH_UP_RECORDS: &str = "sieve_side_catch_up_records_total";
     pub const SIDE_RECORDS: &str = "sieve_side_records_total";
     pub const SIDE_REPLAYED: &str = "sieve_side_replayed_total";
+    pub const STARVATION_GUARD: &str = "sieve_starvation_guard_total";
     pub const REPLAYS: &str = "sieve_replays_total";
     pub const REPLAY_WARMUP_RECORDS: &str = "sieve_replay_warmup_records_total";
 }
@@ -110,6 +111,10 @@ fn describe() {
     describe_counter!(
         SIDE_RECORDS,
         "Side-table records applied while following the side topics."
+    );
+    describe_counter!(
+        STARVATION_GUARD,
+        "Times lower priorities were let through for one batch after being paused longer than the starvation guard."
     );
     describe_counter!(
         SIDE_REPLAYED,

@@ -97,6 +97,46 @@ pub fn produce_events(kafka: KafkaArgs, topic: &str, spec: EventSpec) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
+/// Produces NDJSON lines from `input` to `topic`, keyed by the value at `key_pointer`; a line
+/// that is not JSON or has no such key stops the run, naming the line.
+pub fn produce_ndjson(
+    kafka: KafkaArgs,
+    topic: &str,
+    key_pointer: Option<&str>,
+    input: impl std::io::BufRead,
+) -> anyhow::Result<ExitCode> {
+    let clients = Clients::new(kafka);
+    clients.check_reachable()?;
+    let producer = clients.producer()?;
+    let mut pending = Vec::new();
+    let mut n = 0u64;
+    for (i, line) in input.lines().enumerate() {
+        let line = line.with_context(|| format!("reading line {}", i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let key = match key_pointer {
+            Some(ptr) => Some(
+                sieve_core::jsonkey::extract(line.as_bytes(), ptr)
+                    .with_context(|| format!("line {}: key {ptr}", i + 1))?,
+            ),
+            None => None,
+        };
+        let mut rec = FutureRecord::<[u8], [u8]>::to(topic).payload(line.as_bytes());
+        if let Some(k) = &key {
+            rec = rec.key(k);
+        }
+        pending.push(producer.send_result(rec).map_err(|(err, _)| err)?);
+        n += 1;
+        if pending.len() >= 20_000 {
+            settle(&mut pending)?;
+        }
+    }
+    settle(&mut pending)?;
+    eprintln!("produced {n} records to {topic}");
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
     for r in futures::executor::block_on(join_all(pending.drain(..))) {
         match r {
@@ -212,6 +252,18 @@ pub fn summarise_events(spec: EventSpec) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{new} new, {retries} retries, {conflicts} conflicts");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints follow events of one author's followers as NDJSON.
+pub fn print_follows(author: &str, followers: u64) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    write_json_records(
+        &mut out,
+        gen::follows(author, followers).map(|(_, r)| r),
+        false,
+    )?;
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 

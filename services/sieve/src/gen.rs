@@ -174,6 +174,19 @@ impl UsersSpec {
     }
 }
 
+/// Follow events of `followers` users (`fan0`, `fan1`, …) following `author`, as
+/// `graph.follows` records: key `<author>/<follower>`.
+pub fn follows(author: &str, followers: u64) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
+    (0..followers).map(move |i| {
+        let follower = format!("fan{i}");
+        let key = format!("{author}/{follower}");
+        let rec = serde_json::json!({
+            "key": key, "author": author, "follower": follower, "action": "follow",
+        });
+        (key, rec.to_string().into_bytes())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         command: AntijoinCmd,
     },
+    /// Notification fan-out with strict priorities.
+    Notify {
+        #[command(subcommand)]
+        command: NotifyCmd,
+    },
     /// Operate a sieve deployment: topics, generators.
     Ctl {
         #[command(subcommand)]
@@ -62,6 +67,28 @@ enum AntijoinCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum NotifyCmd {
+    /// Expand requests (listed users or an author's followers) into recipient tasks.
+    Planner {
+        #[command(flatten)]
+        planner: sieve_notify::PlannerArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Deliver tasks: preferences, quiet hours, relevance, rate limits, dedup, kill switch.
+    Deliver {
+        #[command(flatten)]
+        deliver: sieve_notify::DelivererArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Ctl {
     /// Topics from the declarative topics file.
     Topics {
@@ -72,6 +99,16 @@ enum Ctl {
     Gen {
         #[command(subcommand)]
         command: GenCmd,
+    },
+    /// Produce NDJSON from stdin, one record per line, keyed by a JSON pointer.
+    Produce {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long)]
+        topic: String,
+        /// JSON pointer of the record key (for example /id); no key when absent.
+        #[arg(long)]
+        key_pointer: Option<String>,
     },
     /// Per partition: committed offset of a group, end offset, lag; and the total.
     Lag {
@@ -218,6 +255,14 @@ enum TopicsCmd {
 
 #[derive(Debug, Subcommand)]
 enum GenCmd {
+    /// Follow events of one author's followers (`fan0` …) as NDJSON with a `key` field
+    /// (`<author>/<follower>`), for `ctl produce --key-pointer /key`.
+    Follows {
+        #[arg(long, default_value = "celebrity")]
+        author: String,
+        #[arg(long, default_value_t = 100_000)]
+        followers: u64,
+    },
     /// Events with client retries and idempotency conflicts.
     Events {
         #[arg(long, default_value_t = 10_000)]
@@ -269,6 +314,9 @@ fn main() -> ExitCode {
         Command::Dedup { service, .. }
         | Command::Antijoin {
             command: AntijoinCmd::Stream { service, .. },
+        }
+        | Command::Notify {
+            command: NotifyCmd::Planner { service, .. } | NotifyCmd::Deliver { service, .. },
         } => service.log_format,
         Command::Ctl { .. } | Command::Antijoin { .. } => LogFormat::Text,
     };
@@ -301,6 +349,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             sieve_antijoin::stream::run(&kafka, &service, stream)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Notify { command } => {
+            match command {
+                NotifyCmd::Planner {
+                    planner,
+                    kafka,
+                    service,
+                } => sieve_notify::run_planner(&kafka, &service, planner)?,
+                NotifyCmd::Deliver {
+                    deliver,
+                    kafka,
+                    service,
+                } => sieve_notify::run_deliverer(&kafka, &service, deliver)?,
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Antijoin {
@@ -356,6 +419,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                 )
             }
+            Ctl::Produce {
+                kafka,
+                topic,
+                key_pointer,
+            } => ctl::produce_ndjson(
+                kafka,
+                &topic,
+                key_pointer.as_deref(),
+                std::io::stdin().lock(),
+            ),
             Ctl::Gen {
                 command:
                     GenCmd::Events {
@@ -381,6 +454,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     (None, false) => ctl::print_events(spec),
                 }
             }
+            Ctl::Gen {
+                command: GenCmd::Follows { author, followers },
+            } => ctl::print_follows(&author, followers),
             Ctl::Gen {
                 command:
                     GenCmd::Users {

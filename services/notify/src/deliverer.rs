@@ -1,0 +1,362 @@
+//! The deliverer: for every recipient and channel of a task, kill switch → rules
+//! (`rules.rs`) → rate limit → dedup, then one record per delivery on `notify.out.<channel>`
+//! and one summary per task on `notify.status`.
+//!
+//! Its clock is the task record's timestamp, so re-processing after a crash decides as the
+//! first attempt did. State (one partition's users only, see `planner.rs`):
+//! - `d/<notification>\0<user>\0<channel>`: decided, so a redelivered task never sends twice;
+//! - `r/<user>\0<channel>`: the token bucket;
+//! - `q/<due ms>/<notification>\0<user>\0<channel>`: P3 deliveries deferred by quiet hours,
+//!   released by the first task or clock tick of the partition at or after their due time;
+//! - `c/<notification>`: counts by status, served at `GET /v1/notifications/{id}`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, TimeZone, Utc};
+use rdkafka::message::{Message, OwnedMessage};
+use serde::{Deserialize, Serialize};
+use sieve_core::dlq::dead_letter;
+use sieve_core::record::Output;
+use sieve_core::runner::{Ctx, Operator};
+use sieve_core::side::KvTable;
+use sieve_core::store::{PartitionStore, DEFAULT_CF};
+use sieve_core::Result;
+
+use crate::config::DelivererArgs;
+use crate::metrics as m;
+use crate::model::{Channel, Counts, Delivery, Notification, Prefs, StatusEvent, TaskRecord};
+use crate::planner::to_json;
+use crate::rules::{decide, Bucket, Decision};
+
+/// Side-table keys: preferences by user, kill switches by control key.
+pub const PREFS_PREFIX: &str = "p/";
+pub const CONTROL_PREFIX: &str = "k/";
+const COUNTS_PREFIX: &str = "c/";
+const DEFERRED_PREFIX: &[u8] = b"q/";
+
+fn pair_key(prefix: &str, parts: &[&str]) -> Vec<u8> {
+    let mut k = prefix.as_bytes().to_vec();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+#[derive(Serialize, Deserialize)]
+struct Deferred {
+    notification: Notification,
+    user: String,
+    channel: Channel,
+}
+
+/// Counts of every notification this instance's partitions have seen.
+#[derive(Clone, Default)]
+pub struct CountsBoard(Arc<Mutex<BTreeMap<i32, BTreeMap<String, Counts>>>>);
+
+impl CountsBoard {
+    fn set(&self, partition: i32, id: &str, counts: Counts) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(partition)
+            .or_default()
+            .insert(id.to_string(), counts);
+    }
+
+    pub fn get(&self, id: &str) -> Option<Counts> {
+        let board = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total: Option<Counts> = None;
+        for part in board.values() {
+            if let Some(c) = part.get(id) {
+                total.get_or_insert_with(Counts::default).merge(c);
+            }
+        }
+        total
+    }
+
+    /// Loads a partition's stored counts when it opens.
+    pub fn load(&self, partition: i32, store: &PartitionStore) -> Result<()> {
+        store.for_each_prefix(DEFAULT_CF, COUNTS_PREFIX.as_bytes(), |k, v| {
+            if let Ok(c) = serde_json::from_slice::<Counts>(v) {
+                let id = String::from_utf8_lossy(&k[COUNTS_PREFIX.len()..]).into_owned();
+                self.set(partition, &id, c);
+            }
+            Ok(())
+        })
+    }
+}
+
+pub struct Deliverer {
+    cfg: Arc<DelivererArgs>,
+    users: KvTable,
+    partition: i32,
+    board: CountsBoard,
+}
+
+impl Deliverer {
+    pub fn new(
+        cfg: Arc<DelivererArgs>,
+        users: KvTable,
+        partition: i32,
+        board: CountsBoard,
+    ) -> Self {
+        Deliverer {
+            cfg,
+            users,
+            partition,
+            board,
+        }
+    }
+
+    fn cancelled(&self, n: &Notification) -> Result<bool> {
+        let by_id = format!("{CONTROL_PREFIX}notification:{}", n.notification_id);
+        if self.users.get(by_id.as_bytes())?.is_some() {
+            return Ok(true);
+        }
+        match &n.campaign_id {
+            Some(c) => Ok(self
+                .users
+                .get(format!("{CONTROL_PREFIX}campaign:{c}").as_bytes())?
+                .is_some()),
+            None => Ok(false),
+        }
+    }
+
+    fn prefs(&self, user: &str) -> Result<Prefs> {
+        let raw = self.users.get(format!("{PREFS_PREFIX}{user}").as_bytes())?;
+        // Unparseable preferences count as none: the user still gets security messages.
+        Ok(raw
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default())
+    }
+
+    fn per_hour(&self, channel: Channel) -> Option<u32> {
+        match channel {
+            Channel::Push => Some(self.cfg.push_per_hour),
+            Channel::Sms => Some(self.cfg.sms_per_hour),
+            Channel::Email => Some(self.cfg.email_per_hour),
+            Channel::Inapp => None,
+        }
+    }
+
+    /// Decides one recipient and channel, emitting its delivery record if it is sent.
+    #[allow(clippy::too_many_arguments)]
+    fn one(
+        &self,
+        n: &Notification,
+        user: &str,
+        channel: Channel,
+        now: DateTime<Utc>,
+        cancelled: bool,
+        ctx: &mut Ctx<'_>,
+        counts: &mut Counts,
+    ) -> Result<()> {
+        let decided = pair_key("d/", &[&n.notification_id, user, channel.name()]);
+        if ctx.get(DEFAULT_CF, &decided)?.is_some() {
+            return outcome(counts, n, "duplicate", "");
+        }
+        if cancelled {
+            ctx.put(DEFAULT_CF, &decided, b"");
+            return outcome(counts, n, "cancelled", "kill_switch");
+        }
+        let prefs = self.prefs(user)?;
+        let badge_only = match decide(n, channel, &prefs, now) {
+            Decision::Expired => {
+                ctx.put(DEFAULT_CF, &decided, b"");
+                return outcome(counts, n, "expired", "");
+            }
+            Decision::Suppress(reason) => {
+                ctx.put(DEFAULT_CF, &decided, b"");
+                return outcome(counts, n, "suppressed", reason);
+            }
+            Decision::Defer(due) => {
+                let mut key = format!("q/{:020}/", due.timestamp_millis().max(0)).into_bytes();
+                key.extend_from_slice(&pair_key("", &[&n.notification_id, user, channel.name()]));
+                let entry = Deferred {
+                    notification: n.clone(),
+                    user: user.to_string(),
+                    channel,
+                };
+                ctx.put(DEFAULT_CF, &key, &to_json(&entry)?);
+                return outcome(counts, n, "deferred", "quiet_hours");
+            }
+            Decision::Deliver { badge_only } => badge_only,
+        };
+        if let Some(per_hour) = self.per_hour(channel).filter(|_| n.priority > 0) {
+            let key = pair_key("r/", &[user, channel.name()]);
+            let now_ms = now.timestamp_millis();
+            let mut bucket = ctx
+                .get(DEFAULT_CF, &key)?
+                .and_then(|v| serde_json::from_slice::<Bucket>(&v).ok())
+                .unwrap_or_else(|| Bucket::full(per_hour, now_ms));
+            let allowed = bucket.take(per_hour, now_ms);
+            ctx.put(DEFAULT_CF, &key, &to_json(&bucket)?);
+            if !allowed {
+                ctx.put(DEFAULT_CF, &decided, b"");
+                return outcome(counts, n, "suppressed", "rate_limited");
+            }
+        }
+        ctx.put(DEFAULT_CF, &decided, b"");
+        let delivery = Delivery {
+            notification_id: n.notification_id.clone(),
+            user_id: user.to_string(),
+            channel,
+            priority: n.priority,
+            category: n.category.clone(),
+            template: n.template.clone(),
+            data: n.data.clone(),
+            badge_only,
+            device_tokens: if channel == Channel::Push {
+                prefs.device_tokens
+            } else {
+                Vec::new()
+            },
+        };
+        ctx.emit(
+            Output::new(format!("{}.{}", self.cfg.out, channel.name()))
+                .key(user.as_bytes())
+                .payload(to_json(&delivery)?),
+        );
+        let latency = (Utc::now() - n.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::histogram!(m::LATENCY, "priority" => n.priority.to_string()).record(latency);
+        outcome(counts, n, "sent", "")
+    }
+
+    /// Adds `counts` to the notification's stored counts and emits the summary event.
+    fn summarise(
+        &self,
+        n: &Notification,
+        task_index: Option<u64>,
+        counts: Counts,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<()> {
+        let key = format!("{COUNTS_PREFIX}{}", n.notification_id);
+        let mut total: Counts = ctx
+            .get(DEFAULT_CF, key.as_bytes())?
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default();
+        total.merge(&counts);
+        ctx.put(DEFAULT_CF, key.as_bytes(), &to_json(&total)?);
+        self.board.set(self.partition, &n.notification_id, total);
+        let event = StatusEvent {
+            notification_id: n.notification_id.clone(),
+            user_id: None,
+            channel: None,
+            status: None,
+            task_index,
+            counts,
+        };
+        ctx.emit(
+            Output::new(&self.cfg.status)
+                .key(n.notification_id.as_bytes())
+                .payload(to_json(&event)?),
+        );
+        Ok(())
+    }
+
+    /// Delivers deferred entries due at `now`.
+    fn release_due(&self, now: DateTime<Utc>, ctx: &mut Ctx<'_>) -> Result<()> {
+        let now_ms = now.timestamp_millis();
+        let mut due = Vec::new();
+        ctx.store()
+            .scan_from(DEFAULT_CF, DEFERRED_PREFIX, DEFERRED_PREFIX, |k, v| {
+                let at = std::str::from_utf8(&k[2..22.min(k.len())])
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .unwrap_or(i64::MAX);
+                if at > now_ms {
+                    return Ok(false);
+                }
+                due.push((k.to_vec(), v.to_vec()));
+                Ok(due.len() < 10_000)
+            })?;
+        for (k, v) in due {
+            // Released earlier in this batch: the delete is pending, not yet committed.
+            if ctx.get(DEFAULT_CF, &k)?.is_none() {
+                continue;
+            }
+            ctx.delete(DEFAULT_CF, &k);
+            let Ok(d) = serde_json::from_slice::<Deferred>(&v) else {
+                continue;
+            };
+            let mut counts = Counts::default();
+            counts.add("released", 1);
+            let cancelled = self.cancelled(&d.notification)?;
+            self.one(
+                &d.notification,
+                &d.user,
+                d.channel,
+                now,
+                cancelled,
+                ctx,
+                &mut counts,
+            )?;
+            self.summarise(&d.notification, None, counts, ctx)?;
+        }
+        Ok(())
+    }
+}
+
+fn outcome(counts: &mut Counts, n: &Notification, status: &str, reason: &str) -> Result<()> {
+    counts.add(status, 1);
+    if !reason.is_empty() {
+        counts.add(&format!("{status}:{reason}"), 1);
+    }
+    metrics::counter!(m::OUTCOMES, "priority" => n.priority.to_string(), "status" => status.to_string(), "reason" => reason.to_string())
+        .increment(1);
+    Ok(())
+}
+
+impl Operator for Deliverer {
+    fn process(&mut self, rec: &OwnedMessage, ctx: &mut Ctx<'_>) -> Result<()> {
+        let now_ms = rec
+            .timestamp()
+            .to_millis()
+            .unwrap_or_else(|| Utc::now().timestamp_millis());
+        let now = Utc
+            .timestamp_millis_opt(now_ms)
+            .single()
+            .unwrap_or_else(Utc::now);
+        self.release_due(now, ctx)?;
+        let parsed = rec.payload().map(serde_json::from_slice::<TaskRecord>);
+        let task = match parsed {
+            Some(Ok(TaskRecord::Tick { .. })) => return Ok(()),
+            Some(Ok(TaskRecord::Task(t))) => t,
+            Some(Err(e)) => {
+                metrics::counter!(m::DEAD_LETTERS, "reason" => "bad_task").increment(1);
+                ctx.emit(dead_letter(
+                    rec,
+                    &self.cfg.dlq,
+                    "notify-deliverer",
+                    "bad_task",
+                    &e.to_string(),
+                ));
+                return Ok(());
+            }
+            None => {
+                metrics::counter!(m::DEAD_LETTERS, "reason" => "no_payload").increment(1);
+                ctx.emit(dead_letter(
+                    rec,
+                    &self.cfg.dlq,
+                    "notify-deliverer",
+                    "no_payload",
+                    "task has no payload",
+                ));
+                return Ok(());
+            }
+        };
+        let n = &task.notification;
+        let cancelled = self.cancelled(n)?;
+        let mut counts = Counts::default();
+        for user in &task.recipients {
+            for channel in &n.channels {
+                self.one(n, user, *channel, now, cancelled, ctx, &mut counts)?;
+            }
+        }
+        self.summarise(n, Some(task.task_index), counts, ctx)
+    }
+}

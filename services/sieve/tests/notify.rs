@@ -1,0 +1,567 @@
+//! `sieve notify planner` and `sieve notify deliver` end to end: the real binary, a real
+//! local broker, RocksDB on disk.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use chrono::{SecondsFormat, Utc};
+use rdkafka::message::{Message, OwnedMessage};
+use sieve_tests::{http_get, unique, wait_for, Broker, Service};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sieve");
+
+struct Setup {
+    broker: Broker,
+    ns: String,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Result<Setup> {
+        let s = Setup {
+            broker: Broker::start()?,
+            ns: unique("n"),
+            dir: tempfile::tempdir()?,
+        };
+        for p in 0..4 {
+            s.broker.create_topic(&s.t(&format!("requests.p{p}")), 2)?;
+            s.broker.create_topic(&s.t(&format!("tasks.p{p}")), 4)?;
+        }
+        for c in ["push", "email", "sms", "inapp"] {
+            s.broker.create_topic(&s.t(&format!("out.{c}")), 2)?;
+        }
+        for t in ["status", "follows", "prefs", "control", "dlq"] {
+            s.broker.create_topic(&s.t(t), 2)?;
+        }
+        Ok(s)
+    }
+
+    /// This test's name for a topic.
+    fn t(&self, name: &str) -> String {
+        format!("{}.{name}", self.ns)
+    }
+
+    fn spawn(&self, role: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Service> {
+        let state = self.dir.path().join(role).display().to_string();
+        let group = format!("{}-{role}", self.ns);
+        let mut args: Vec<String> = vec!["notify".into(), role.into()];
+        let topics: &[(&str, &str)] = if role == "planner" {
+            &[
+                ("--requests", "requests"),
+                ("--tasks", "tasks"),
+                ("--follows", "follows"),
+                ("--status", "status"),
+                ("--dlq", "dlq"),
+            ]
+        } else {
+            &[
+                ("--tasks", "tasks"),
+                ("--out", "out"),
+                ("--status", "status"),
+                ("--prefs", "prefs"),
+                ("--control", "control"),
+                ("--dlq", "dlq"),
+            ]
+        };
+        for (flag, name) in topics {
+            args.push(flag.to_string());
+            args.push(self.t(name));
+        }
+        for a in [
+            "--brokers",
+            &self.broker.addr(),
+            "--group",
+            &group,
+            "--state-dir",
+            &state,
+            "-X",
+            "session.timeout.ms=6000",
+        ] {
+            args.push(a.to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Service::spawn(Path::new(BIN), &args, env, self.dir.path())
+    }
+
+    fn follow(&self, author: &str, followers: impl Iterator<Item = String>) -> Result<()> {
+        self.broker.produce(
+            &self.t("follows"),
+            followers.map(|f| {
+                (
+                    format!("{author}/{f}"),
+                    r#"{"action":"follow"}"#.to_string(),
+                )
+            }),
+        )?;
+        Ok(())
+    }
+
+    fn request(&self, priority: u8, body: serde_json::Value) -> Result<()> {
+        let id = body["notification_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.broker.produce(
+            &self.t(&format!("requests.p{priority}")),
+            [(id, body.to_string())],
+        )?;
+        Ok(())
+    }
+
+    fn read(&self, topic: &str) -> Result<Vec<OwnedMessage>> {
+        self.broker.read_all(&self.t(topic))
+    }
+
+    /// Delivery records on `out.<channel>` as (notification id, user id).
+    fn deliveries(&self, channel: &str) -> Result<Vec<(String, String)>> {
+        self.read(&format!("out.{channel}"))?
+            .iter()
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+                Ok((
+                    v["notification_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    v["user_id"].as_str().unwrap_or_default().to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Counts by status over the deliverer's summaries for one notification.
+    fn counts(&self, id: &str) -> Result<BTreeMap<String, u64>> {
+        let mut total = BTreeMap::new();
+        for m in self.read("status")? {
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+            if v["notification_id"] != id {
+                continue;
+            }
+            if let Some(c) = v["counts"].as_object() {
+                for (k, n) in c {
+                    *total.entry(k.clone()).or_default() += n.as_u64().unwrap_or(0);
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+fn percentile(v: &mut [i64], p: f64) -> i64 {
+    v.sort();
+    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len().max(1)) - 1;
+    v.get(i).copied().unwrap_or(-1)
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn fan_out(id: &str, author: &str, channels: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "notification_id": id, "priority": 2, "category": "social", "template": "new_post",
+        "data": {"post": 1}, "channels": channels, "created_at": now(),
+        "audience": {"followers_of": author}, "author_id": author
+    })
+}
+
+fn direct(id: &str, priority: u8, users: &[&str], channels: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "notification_id": id, "priority": priority, "category": "security", "template": "code",
+        "channels": channels, "created_at": now(), "audience": users
+    })
+}
+
+fn active_prefs() -> String {
+    serde_json::json!({"last_active": now(), "device_tokens": ["tok"]}).to_string()
+}
+
+/// Waits until the summed `key` count of notification `id` reaches `n`; fails with the logs
+/// of a service that exited.
+fn wait_counts(
+    s: &Setup,
+    id: &str,
+    key: &str,
+    n: u64,
+    svcs: &mut [&mut Service],
+) -> Result<BTreeMap<String, u64>> {
+    let mut last = BTreeMap::new();
+    let res = wait_for(
+        &format!("{key} = {n} for {id}"),
+        Duration::from_secs(240),
+        || {
+            for svc in svcs.iter_mut() {
+                if svc.restart_if_unassigned(Duration::from_secs(40)).is_err()
+                    || svc.exited().is_some()
+                {
+                    return Some(());
+                }
+            }
+            last = s.counts(id).ok()?;
+            (last.get(key).copied().unwrap_or(0) >= n).then_some(())
+        },
+    );
+    for svc in svcs.iter_mut() {
+        ensure!(
+            svc.exited().is_none(),
+            "a service exited:\n{}",
+            svc.log_tail(30)
+        );
+    }
+    res.with_context(|| format!("counts so far {last:?}"))?;
+    Ok(last)
+}
+
+#[test]
+fn p0_overtakes_a_200k_fan_out() -> Result<()> {
+    let s = Setup::new()?;
+    let followers = 200_000;
+    s.follow("celebrity", (0..followers).map(|i| format!("fan{i}")))?;
+    s.broker
+        .produce(&s.t("prefs"), [("alice", active_prefs())])?;
+    let mut planner = s.spawn("planner", &[], &[])?;
+    let mut deliverer = s.spawn("deliver", &["--tasks-per-batch", "1"], &[])?;
+    s.request(2, fan_out("post-1", "celebrity", &["inapp"]))?;
+    // Wait until the fan-out is flowing, then send P0 codes while it is.
+    wait_for("fan-out started", Duration::from_secs(120), || {
+        (s.broker.count(&s.t("out.inapp")).ok()? > 10_000).then_some(())
+    })?;
+    let codes = 20;
+    let mut sent_at = BTreeMap::new();
+    for i in 0..codes {
+        let id = format!("2fa-{i}");
+        let body = direct(&id, 0, &["alice"], &["push"]);
+        sent_at.insert(
+            id,
+            chrono::DateTime::parse_from_rfc3339(body["created_at"].as_str().unwrap_or_default())?
+                .timestamp_millis(),
+        );
+        s.request(0, body)?;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    wait_for("every P0 delivered", Duration::from_secs(120), || {
+        (s.broker.count(&s.t("out.push")).ok()? >= codes).then_some(())
+    })?;
+    let fan_out_when_p0_done = s.broker.count(&s.t("out.inapp"))?;
+    let mut latencies: Vec<i64> = s
+        .read("out.push")?
+        .iter()
+        .filter_map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+            let at = sent_at.get(v["notification_id"].as_str()?)?;
+            Some(m.timestamp().to_millis()? - at)
+        })
+        .collect();
+    // The planner's share: request to task.
+    let mut planned: Vec<i64> = s
+        .read("tasks.p0")?
+        .iter()
+        .filter_map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+            let at = sent_at.get(v["notification_id"].as_str()?)?;
+            Some(m.timestamp().to_millis()? - at)
+        })
+        .collect();
+    let (p50, p99) = (
+        percentile(&mut latencies, 0.5),
+        percentile(&mut latencies, 0.99),
+    );
+    eprintln!(
+        "P0 latency during a {followers}-recipient fan-out: p50 {p50} ms, p99 {p99} ms \
+         (request to task: p50 {} ms, p99 {} ms); fan-out at {fan_out_when_p0_done} when the last P0 went out",
+        percentile(&mut planned, 0.5),
+        percentile(&mut planned, 0.99)
+    );
+    wait_counts(
+        &s,
+        "post-1",
+        "sent",
+        followers as u64,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(latencies.len(), codes as usize);
+    ensure!(
+        fan_out_when_p0_done < followers,
+        "the P0 codes must be delivered while the fan-out is still running"
+    );
+    // Generous for a loaded 2-core CI machine where the local broker's single sqlite writer
+    // queues every write behind the fan-out's (docs/notify.md has the measured figures);
+    // the fan-out itself takes about a minute here.
+    ensure!(p99 < 10_000, "P0 p99 {p99} ms");
+    let inapp: HashSet<(String, String)> = s.deliveries("inapp")?.into_iter().collect();
+    assert_eq!(
+        inapp.len(),
+        followers as usize,
+        "every follower exactly once"
+    );
+    Ok(())
+}
+
+#[test]
+fn kill_switch_stops_a_fan_out_and_counts_reconcile() -> Result<()> {
+    let s = Setup::new()?;
+    let followers = 60_000u64;
+    s.follow("star", (0..followers).map(|i| format!("f{i}")))?;
+    let mut planner = s.spawn("planner", &[], &[])?;
+    let mut deliverer = s.spawn("deliver", &["--tasks-per-batch", "1"], &[])?;
+    s.request(2, fan_out("bad-template", "star", &["inapp"]))?;
+    wait_for("fan-out started", Duration::from_secs(120), || {
+        (s.broker.count(&s.t("out.inapp")).ok()? > 5_000).then_some(())
+    })?;
+    s.broker.produce(
+        &s.t("control"),
+        [(
+            "notification:bad-template",
+            r#"{"action":"cancel","reason":"garbled template"}"#,
+        )],
+    )?;
+    let counts = wait_counts(
+        &s,
+        "bad-template",
+        "planned",
+        followers,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    let decided = |c: &BTreeMap<String, u64>| {
+        [
+            "sent",
+            "suppressed",
+            "cancelled",
+            "expired",
+            "deferred",
+            "duplicate",
+        ]
+        .iter()
+        .map(|k| c.get(*k).copied().unwrap_or(0))
+        .sum::<u64>()
+    };
+    let mut last = counts;
+    wait_for("every recipient decided", Duration::from_secs(240), || {
+        last = s.counts("bad-template").ok()?;
+        (decided(&last) >= followers).then_some(())
+    })
+    .with_context(|| format!("{last:?}"))?;
+    let http = http_get(&format!(
+        "http://127.0.0.1:{}/v1/notifications/bad-template",
+        deliverer.metrics_port
+    ));
+    assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    let sent = last.get("sent").copied().unwrap_or(0);
+    let cancelled = last.get("cancelled").copied().unwrap_or(0);
+    assert_eq!(last.get("planned").copied(), Some(followers));
+    assert_eq!(
+        decided(&last),
+        followers,
+        "planned = sent + suppressed + cancelled + …: {last:?}"
+    );
+    ensure!(cancelled > 0 && sent < followers, "{last:?}");
+    assert_eq!(
+        s.deliveries("inapp")?.len() as u64,
+        sent,
+        "one record per sent delivery"
+    );
+    let (code, body) = http.unwrap_or_default();
+    ensure!(
+        code == 200 && body.contains("cancelled"),
+        "GET counts: {code} {body}"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigkill_of_the_deliverer_never_sends_twice() -> Result<()> {
+    let s = Setup::new()?;
+    let followers = 30_000u64;
+    s.follow("author", (0..followers).map(|i| format!("u{i}")))?;
+    let mut planner = s.spawn("planner", &["--task-size", "2000"], &[])?;
+    s.request(2, fan_out("n-kill", "author", &["inapp", "email"]))?;
+    for fp in [
+        "after_produce@3",
+        "after_outputs_acked@2",
+        "after_state_committed@4",
+    ] {
+        let mut d = s.spawn("deliver", &[], &[("SIEVE_FAILPOINT", fp)])?;
+        d.wait_exit(&format!("crash at {fp}"), Duration::from_secs(180))?;
+        ensure!(
+            d.logs().contains("failpoint reached"),
+            "{fp} not reached:\n{}",
+            d.log_tail(20)
+        );
+    }
+    let mut deliverer = s.spawn("deliver", &[], &[])?;
+    wait_counts(
+        &s,
+        "n-kill",
+        "sent",
+        2 * followers,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    for channel in ["inapp", "email"] {
+        let d = s.deliveries(channel)?;
+        let distinct: HashSet<&(String, String)> = d.iter().collect();
+        assert_eq!(
+            d.len(),
+            distinct.len(),
+            "{channel}: a recipient got two records"
+        );
+        assert_eq!(d.len() as u64, followers, "{channel}: every follower once");
+    }
+    Ok(())
+}
+
+#[test]
+fn segments_follow_unfollows_and_rules_apply_per_recipient() -> Result<()> {
+    let s = Setup::new()?;
+    s.follow("a", (0..10).map(|i| format!("v{i}")))?;
+    // Unfollow by tombstone and by event; v5 unfollows and follows again.
+    s.broker
+        .produce_changes(&s.t("follows"), &[("a/v1", None::<&str>)])?;
+    s.broker.produce(
+        &s.t("follows"),
+        [
+            ("a/v2", r#"{"action":"unfollow"}"#),
+            ("a/v5", r#"{"action":"unfollow"}"#),
+            ("a/v5", r#"{"action":"follow"}"#),
+        ],
+    )?;
+    let past = "2020-01-01T00:00:00Z";
+    s.broker.produce(
+        &s.t("prefs"),
+        [
+            ("bob".to_string(), active_prefs()),
+            (
+                "carol".to_string(),
+                serde_json::json!({"last_active": now(), "device_tokens": ["t"], "muted_categories": ["promo"]}).to_string(),
+            ),
+        ],
+    )?;
+    let mut planner = s.spawn("planner", &[], &[])?;
+    let mut deliverer = s.spawn("deliver", &[], &[])?;
+    s.request(2, fan_out("post-a", "a", &["inapp"]))?;
+    // Rate limit: 7 P1 pushes to bob → 5 sent (5 per hour), 2 limited; P0 bypasses.
+    for i in 0..7 {
+        s.request(1, direct(&format!("rl-{i}"), 1, &["bob"], &["push"]))?;
+    }
+    s.request(0, direct("p0-bob", 0, &["bob"], &["push"]))?;
+    // Expired before delivery; muted category for carol.
+    let mut expired = direct("old", 1, &["bob"], &["inapp"]);
+    expired["expires_at"] = past.into();
+    s.request(1, expired)?;
+    let mut promo = direct("promo-1", 3, &["carol"], &["push"]);
+    promo["category"] = "promo".into();
+    s.request(3, promo)?;
+    wait_counts(&s, "post-a", "sent", 8, &mut [&mut planner, &mut deliverer])?;
+    wait_counts(
+        &s,
+        "promo-1",
+        "suppressed",
+        1,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    wait_counts(&s, "old", "expired", 1, &mut [&mut planner, &mut deliverer])?;
+    wait_counts(&s, "p0-bob", "sent", 1, &mut [&mut planner, &mut deliverer])?;
+    let mut rl = BTreeMap::new();
+    wait_for(
+        "rate-limited pushes decided",
+        Duration::from_secs(60),
+        || {
+            rl = BTreeMap::new();
+            for i in 0..7 {
+                for (k, v) in s.counts(&format!("rl-{i}")).ok()? {
+                    *rl.entry(k).or_insert(0u64) += v;
+                }
+            }
+            (rl.get("sent").copied().unwrap_or(0) + rl.get("suppressed").copied().unwrap_or(0) == 7)
+                .then_some(())
+        },
+    )?;
+    assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    let mut got: Vec<String> = s
+        .deliveries("inapp")?
+        .into_iter()
+        .filter(|(n, _)| n == "post-a")
+        .map(|(_, u)| u)
+        .collect();
+    got.sort();
+    assert_eq!(got, ["v0", "v3", "v4", "v5", "v6", "v7", "v8", "v9"]);
+    assert_eq!(rl.get("sent"), Some(&5));
+    assert_eq!(rl.get("suppressed:rate_limited"), Some(&2));
+    assert_eq!(
+        s.counts("promo-1")?.get("suppressed:category_muted"),
+        Some(&1)
+    );
+    Ok(())
+}
+
+#[test]
+fn p3_in_quiet_hours_is_deferred_then_released_by_the_clock() -> Result<()> {
+    let s = Setup::new()?;
+    // Quiet hours in UTC from an hour ago to the start of the next minute but one.
+    let t = Utc::now();
+    let start = (t - chrono::Duration::hours(1)).format("%H:%M").to_string();
+    let end_at =
+        t + chrono::Duration::seconds(120 - i64::from(t.format("%S").to_string().parse::<u8>()?));
+    let end = end_at.format("%H:%M").to_string();
+    let prefs = serde_json::json!({
+        "last_active": now(), "device_tokens": ["t"],
+        "quiet_hours": {"start": start, "end": end, "tz": "UTC"}
+    });
+    s.broker
+        .produce(&s.t("prefs"), [("dana", prefs.to_string())])?;
+    let mut planner = s.spawn("planner", &[], &[])?;
+    let mut deliverer = s.spawn("deliver", &["--tick", "1s"], &[])?;
+    s.request(3, direct("promo-q", 3, &["dana"], &["push"]))?;
+    s.request(2, direct("social-q", 2, &["dana"], &["push", "inapp"]))?;
+    let c = wait_counts(
+        &s,
+        "promo-q",
+        "deferred",
+        1,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    assert_eq!(
+        c.get("sent"),
+        None,
+        "P3 must wait for the end of quiet hours"
+    );
+    let social = wait_counts(
+        &s,
+        "social-q",
+        "sent",
+        1,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    assert_eq!(
+        social.get("suppressed:quiet_hours"),
+        Some(&1),
+        "P2 push is suppressed, in-app goes"
+    );
+    let c = wait_counts(
+        &s,
+        "promo-q",
+        "sent",
+        1,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    let pushed = s.read("out.push")?;
+    assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(c.get("released"), Some(&1));
+    let sent_at = pushed
+        .iter()
+        .find_map(|m| m.timestamp().to_millis())
+        .unwrap_or_default();
+    ensure!(
+        sent_at >= end_at.timestamp_millis() - end_at.timestamp_millis() % 60_000,
+        "released before the quiet period ended"
+    );
+    Ok(())
+}
