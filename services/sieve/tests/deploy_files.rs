@@ -23,6 +23,17 @@ const TOPIC_VARS: &[&str] = &[
     "SIEVE_ANTIJOIN_OUT",
     "SIEVE_ANTIJOIN_DLQ",
     "SIEVE_INGEST_DLQ",
+    "SIEVE_NOTIFY_FOLLOWS",
+    "SIEVE_NOTIFY_STATUS",
+    "SIEVE_NOTIFY_DLQ",
+    "SIEVE_NOTIFY_PREFS",
+    "SIEVE_NOTIFY_CONTROL",
+];
+/// Environment variables whose values are prefixes of topic names (`<prefix>.p0`, …).
+const TOPIC_PREFIX_VARS: &[&str] = &[
+    "SIEVE_NOTIFY_REQUESTS",
+    "SIEVE_NOTIFY_TASKS",
+    "SIEVE_NOTIFY_OUT",
 ];
 /// Commands that the manifests run but that live on another branch than this binary's.
 const ELSEWHERE: &[&str] = &["ingest"];
@@ -127,6 +138,12 @@ fn check_container(
             ensure!(
                 topics.contains(v),
                 "{what}: topic {v} ({k}) is not in deploy/topics.toml"
+            );
+        }
+        if TOPIC_PREFIX_VARS.contains(&k.as_str()) {
+            ensure!(
+                topics.iter().any(|t| t.starts_with(&format!("{v}."))),
+                "{what}: no topic {v}.* ({k}) in deploy/topics.toml"
             );
         }
         if k == "SIEVE_METRICS_ADDR" {
