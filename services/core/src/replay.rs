@@ -74,6 +74,16 @@ pub fn request_key(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
 }
 
+/// True when `changelog` (the partition's latest meta there) honoured a replay that the local
+/// store's meta does not know: another instance rewound the partition since this store was
+/// written, so the store is stale even though its offset is ahead.
+pub(crate) fn missed(changelog: &PartitionMeta, local: &PartitionMeta) -> bool {
+    changelog
+        .replays
+        .iter()
+        .any(|id| !local.replays.contains(id))
+}
+
 /// A rewind of one partition to `offset`, named `id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
@@ -394,5 +404,17 @@ mod tests {
         assert_eq!(id_in(""), None);
         assert_eq!(id_in("sieve-replay:"), None);
         assert_eq!(id_in("something else"), None);
+    }
+
+    #[test]
+    fn a_store_that_missed_a_replay_is_stale_whatever_its_offset() {
+        let meta = |next_offset, replays: &[&str]| PartitionMeta {
+            next_offset,
+            replays: replays.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(missed(&meta(10, &["a", "b"]), &meta(500, &["a"])));
+        assert!(!missed(&meta(10, &["a"]), &meta(500, &["a"])));
+        assert!(!missed(&meta(10, &[]), &meta(500, &["a"])));
     }
 }

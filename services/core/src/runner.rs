@@ -343,7 +343,7 @@ impl<F: OperatorFactory> Engine<F> {
             None => cl_end > 0,
             Some(l) if cl_end > l.changelog_pos => {
                 changelog::last_meta(&self.reader, &cl_topic, partition, l.changelog_pos, cl_end)?
-                    .is_some_and(|m| m.next_offset > l.next_offset)
+                    .is_some_and(|m| m.next_offset > l.next_offset || replay::missed(&m, l))
             }
             Some(_) => false,
         };
