@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Result};
@@ -260,6 +261,16 @@ fn a_restore_after_a_replay_brings_no_pre_replay_state_back() -> Result<()> {
     );
     p.wait_for_counts(&mut svc, new, conflicts)?;
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+    // A copy of the pre-replay store: an instance that kept its volume while another one
+    // honoured the replay.
+    let state = p.dir.path().join("state");
+    let stale = p.dir.path().join("stale-state");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&state)
+        .arg(&stale)
+        .status()?;
+    ensure!(copied.success(), "copying the state dir");
 
     // Replay to the end with a TTL that only covers phase 2: the warm-up rebuilds phase 2's
     // keys, and phase 1's keys must be gone from the local store and from the changelog.
@@ -308,6 +319,22 @@ fn a_restore_after_a_replay_brings_no_pre_replay_state_back() -> Result<()> {
     ensure!(
         restored == local,
         "restored state differs from the local state"
+    );
+
+    // The stale store is ahead of nothing, yet it missed the replay: it must be rebuilt.
+    std::fs::remove_dir_all(&state)?;
+    std::fs::rename(&stale, &state)?;
+    let mut svc = p.spawn_with(&["--ttl", "1s", "--buckets", "1"])?;
+    wait_for("the stale store rebuilt", Duration::from_secs(120), || {
+        (svc.metric("sieve_restore_records_total", &[])? > 0.0
+            && svc.metric("sieve_ready", &[])? == 1.0)
+            .then_some(())
+    })?;
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+    let rebuilt = state_keys(&PartitionStore::open(&local_path)?)?;
+    ensure!(
+        rebuilt == restored,
+        "the stale store was used instead of the changelog"
     );
     Ok(())
 }
