@@ -90,21 +90,75 @@ fn prometheus_scrapes_every_service_and_evaluates_the_rules() -> Result<()> {
     .collect();
     let mut antijoin = Service::spawn(Path::new(BIN), &args, &[], p.dir.path())?;
 
+    // Notify's planner and deliverer on a prefixed copy of every topic of deploy/topics.toml.
+    let prefix = format!("{}-", unique("n"));
+    let topics_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/topics.toml");
+    let (code, text) = p.ctl(
+        &["topics", "apply"],
+        &[
+            "--file",
+            &topics_file.display().to_string(),
+            "--prefix",
+            &prefix,
+        ],
+    )?;
+    anyhow::ensure!(code == 0, "{text}");
+    let notify = |role: &str, topics: &[(&str, &str)]| -> Result<Service> {
+        let mut args = vec!["notify".to_string(), role.to_string()];
+        for (flag, topic) in topics {
+            args.push(format!("--{flag}"));
+            args.push(format!("{prefix}{topic}"));
+        }
+        for (flag, value) in [
+            ("--brokers", p.broker.addr()),
+            ("--group", unique(role)),
+            ("--state-dir", p.dir.path().join(role).display().to_string()),
+        ] {
+            args.push(flag.to_string());
+            args.push(value);
+        }
+        Service::spawn(Path::new(BIN), &args, &[], p.dir.path())
+    };
+    let mut planner = notify(
+        "planner",
+        &[
+            ("requests", "notify.requests"),
+            ("tasks", "notify.tasks"),
+            ("follows", "graph.follows"),
+            ("status", "notify.status"),
+            ("dlq", "dlq.notify"),
+        ],
+    )?;
+    let mut deliver = notify(
+        "deliver",
+        &[
+            ("tasks", "notify.tasks"),
+            ("out", "notify.out"),
+            ("status", "notify.status"),
+            ("prefs", "users.prefs"),
+            ("control", "sieve.control"),
+            ("dlq", "dlq.notify"),
+        ],
+    )?;
+    let services = [&dedup, &antijoin, &planner, &deliver];
+
     let port = free_port();
     let config = p.dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\n\
-             rule_files: [\"{}\"]\n\
-             scrape_configs:\n\
-             \x20 - job_name: dedup\n    static_configs: [{{ targets: [\"127.0.0.1:{}\"] }}]\n\
-             \x20 - job_name: antijoin\n    static_configs: [{{ targets: [\"127.0.0.1:{}\"] }}]\n",
-            alerts_file().display(),
-            dedup.metrics_port,
-            antijoin.metrics_port
-        ),
-    )?;
+    let mut yaml = format!(
+        "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\n\
+         rule_files: [\"{}\"]\nscrape_configs:\n",
+        alerts_file().display()
+    );
+    for (job, svc) in ["dedup", "antijoin", "notify-planner", "notify-deliver"]
+        .iter()
+        .zip(services)
+    {
+        yaml += &format!(
+            "  - job_name: {job}\n    static_configs: [{{ targets: [\"127.0.0.1:{}\"] }}]\n",
+            svc.metrics_port
+        );
+    }
+    std::fs::write(&config, yaml)?;
     let log = std::fs::File::create(p.dir.path().join("prometheus.log"))?;
     let _prometheus = Killed(
         Command::new("prometheus")
@@ -120,17 +174,18 @@ fn prometheus_scrapes_every_service_and_evaluates_the_rules() -> Result<()> {
             .context("starting prometheus")?,
     );
 
-    wait_for("both targets up", Duration::from_secs(60), || {
+    let n = services.len();
+    wait_for("every target up", Duration::from_secs(60), || {
         let targets = api(port, "/api/v1/targets")?;
         let active = targets["activeTargets"].as_array()?;
-        (active.len() == 2 && active.iter().all(|t| t["health"] == "up")).then_some(())
+        (active.len() == n && active.iter().all(|t| t["health"] == "up")).then_some(())
     })?;
     wait_for(
-        "both services ready, as Prometheus sees them",
-        Duration::from_secs(60),
+        "every service ready, as Prometheus sees it",
+        Duration::from_secs(90),
         || {
             let r = api(port, "/api/v1/query?query=sieve_ready%20%3D%3D%201")?;
-            (r["result"].as_array()?.len() == 2).then_some(())
+            (r["result"].as_array()?.len() == n).then_some(())
         },
     )?;
     let rules = wait_for("every rule evaluated", Duration::from_secs(60), || {
@@ -151,5 +206,7 @@ fn prometheus_scrapes_every_service_and_evaluates_the_rules() -> Result<()> {
     );
     assert_eq!(dedup.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(antijoin.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(deliver.terminate(Duration::from_secs(30))?, 0);
     Ok(())
 }
