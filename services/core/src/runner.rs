@@ -39,6 +39,7 @@ use crate::failpoint;
 use crate::kafka::Clients;
 use crate::priority::Scheduler;
 use crate::record::{Output, OutputId, ID_HEADER};
+use crate::replay::{self, Replay};
 use crate::side::{self, tp_key, SideReader, SideTable, Tp};
 use crate::store::{Changes, PartitionMeta, PartitionStore};
 use crate::telemetry::{names, Health};
@@ -81,6 +82,11 @@ pub trait OperatorFactory: Send + 'static {
     fn priorities(&self) -> Option<(BTreeMap<String, u8>, Duration)> {
         None
     }
+    /// How much input before a replay offset rebuilds the state a replay wiped (dedup: its
+    /// TTL); `None` replays from empty state (see `replay.rs`).
+    fn warmup(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// What an operator sees while processing one record: its partition's state (with the
@@ -93,7 +99,8 @@ pub struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn new(
+    /// A context over a partition's state whose outputs the caller owns.
+    pub(crate) fn new(
         store: &'a PartitionStore,
         changes: &'a mut Changes,
         outputs: &'a mut Vec<Output>,
@@ -173,6 +180,7 @@ struct Engine<F: OperatorFactory> {
     partitions: HashMap<Tp, Partition<F::Op>>,
     health: Arc<Health>,
     side: Option<SideReader>,
+    replay: Replay,
     /// An error raised inside a rebalance callback, returned by the loop.
     fatal: Option<CoreError>,
 }
@@ -337,7 +345,7 @@ impl<F: OperatorFactory> Engine<F> {
             None => cl_end > 0,
             Some(l) if cl_end > l.changelog_pos => {
                 changelog::last_meta(&self.reader, &cl_topic, partition, l.changelog_pos, cl_end)?
-                    .is_some_and(|m| m.next_offset > l.next_offset)
+                    .is_some_and(|m| m.next_offset > l.next_offset || replay::missed(&m, l))
             }
             Some(_) => false,
         };
@@ -367,7 +375,18 @@ impl<F: OperatorFactory> Engine<F> {
             ..Default::default()
         });
         meta.changelog_pos = meta.changelog_pos.max(cl_end);
-        let op = self.factory.open(topic, partition, &store)?;
+        let io = replay::Io {
+            reader: &self.reader,
+            producer: &self.producer,
+            group: &self.group,
+            topic,
+            partition,
+        };
+        let (store, replayed) = self.replay.honour(&self.factory, &io, store, &mut meta)?;
+        let op = match replayed {
+            Some(op) => op,
+            None => self.factory.open(topic, partition, &store)?,
+        };
         metrics::gauge!(names::STATE_BYTES, "topic" => topic.to_string(), "partition" => partition.to_string())
             .set(store.approximate_bytes() as f64);
         tracing::info!(
@@ -869,7 +888,7 @@ fn send_output(
 
 /// Queues the changelog group of one batch of input partition `tp`: its changes, then its
 /// meta, to the changelog partition of the same number.
-fn send_changelog_group(
+pub(crate) fn send_changelog_group(
     producer: &FutureProducer,
     group: &str,
     tp: &Tp,
@@ -892,7 +911,7 @@ fn send_changelog_group(
 }
 
 /// Waits for changelog writes; returns the changelog position after the last one.
-fn settle_changelog(pending: Vec<DeliveryFuture>) -> Result<Option<i64>> {
+pub(crate) fn settle_changelog(pending: Vec<DeliveryFuture>) -> Result<Option<i64>> {
     let mut pos = None;
     for r in block_on(join_all(pending)) {
         pos = Some(delivered(r)?.1 + 1);
@@ -964,6 +983,7 @@ pub fn run<F: OperatorFactory>(
         partitions: HashMap::new(),
         health: health.clone(),
         side,
+        replay: Replay::new(clients, &args.group)?,
         fatal: None,
     }));
     // Broadcast side tables are loaded to their end before any input is judged.

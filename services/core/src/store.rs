@@ -43,6 +43,10 @@ pub struct PartitionMeta {
     /// (see `side.rs`).
     #[serde(default)]
     pub side_pos: BTreeMap<String, i64>,
+    /// Ids of the replays (`sieve ctl replay`) this partition has honoured, oldest first
+    /// (see `replay.rs`).
+    #[serde(default)]
+    pub replays: Vec<String>,
 }
 
 /// The net write set of one batch, with read-your-writes through `PartitionStore::get`.
@@ -318,6 +322,17 @@ impl PartitionStore {
             .collect();
         names.sort();
         names
+    }
+
+    /// Column families of operator state other than time buckets (the changelog's contents
+    /// besides buckets).
+    pub fn state_cfs(&self) -> Vec<String> {
+        DB::list_cf(&Options::default(), &self.path)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n != META_CF && n != LOCAL_CF && !n.starts_with(BUCKET_PREFIX))
+            .filter(|n| self.db.cf_handle(n).is_some())
+            .collect()
     }
 
     /// Applies one batch's changes and the new meta atomically, then drops whole buckets.

@@ -37,11 +37,21 @@ pub mod names {
     pub const SIDE_RECORDS: &str = "sieve_side_records_total";
     pub const SIDE_REPLAYED: &str = "sieve_side_replayed_total";
     pub const STARVATION_GUARD: &str = "sieve_starvation_guard_total";
+    pub const REPLAYS: &str = "sieve_replays_total";
+    pub const REPLAY_WARMUP_RECORDS: &str = "sieve_replay_warmup_records_total";
 }
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     use names::*;
+    describe_counter!(
+        REPLAYS,
+        "Partition replays requested with `sieve ctl replay` and honoured (state wiped and rebuilt)."
+    );
+    describe_counter!(
+        REPLAY_WARMUP_RECORDS,
+        "Input records re-read before a replay offset to rebuild state, outputs discarded."
+    );
     describe_counter!(RECORDS_IN, "Input records taken into processing, by topic.");
     describe_counter!(
         RECORDS_OUT,

@@ -48,6 +48,15 @@ impl OperatorFactory for DedupFactory {
     ) -> sieve_core::Result<Dedup> {
         Dedup::open(self.cfg.clone(), partition, store)
     }
+
+    /// A replay must still know the keys of the TTL window before its offset; one bucket
+    /// more covers keys whose bucket outlives the TTL by its width.
+    fn warmup(&self) -> Option<std::time::Duration> {
+        let ms = self.cfg.ttl_ms().saturating_add(self.cfg.bucket_ms());
+        Some(std::time::Duration::from_millis(
+            u64::try_from(ms).unwrap_or(0),
+        ))
+    }
 }
 
 /// Runs dedup until SIGTERM/SIGINT.

@@ -137,7 +137,7 @@ pub fn produce_ndjson(
     Ok(ExitCode::SUCCESS)
 }
 
-fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
+pub(crate) fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
     for r in futures::executor::block_on(join_all(pending.drain(..))) {
         match r {
             Ok(Ok(_)) => {}
@@ -149,7 +149,7 @@ fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Resul
 }
 
 /// (low, high) watermarks of every partition of `topic`.
-fn watermarks(
+pub(crate) fn watermarks(
     clients: &Clients,
     reader: &BaseConsumer,
     topic: &str,

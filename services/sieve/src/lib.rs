@@ -1,4 +1,6 @@
 //! Parts of the `sieve` binary that tests and benchmarks reuse.
 
 pub mod ctl;
+pub mod dlq;
 pub mod gen;
+pub mod replay;

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sieve::ctl;
+use sieve::dlq;
 use sieve::gen::{EventSpec, UsersSpec};
+use sieve::replay::{self, Target};
 use sieve_core::config::{KafkaArgs, LogFormat, ServiceArgs};
 use sieve_dedup::DedupArgs;
 
@@ -133,6 +135,108 @@ enum Ctl {
         #[arg(long)]
         total: bool,
     },
+    /// Rewind a stopped consumer group (like `kafka-consumer-groups --reset-offsets`); its
+    /// stateful services rebuild their state for the replay when they start.
+    Replay(ReplayArgs),
+    /// Dead-letter topics: reasons with counts, records, redrive.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCmd {
+    /// Reasons with counts and first and last times.
+    List(DlqArgs),
+    /// Records: offset, reason, detail, source, payload preview.
+    Show(DlqArgs),
+    /// Re-publish original bytes and headers to the source topic (or --to-topic), each DLQ
+    /// record at most once.
+    Redrive {
+        #[command(flatten)]
+        args: DlqArgs,
+        /// Destination instead of each record's source topic.
+        #[arg(long)]
+        to_topic: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DlqArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// The DLQ topic, e.g. dlq.dedup.
+    #[arg(long)]
+    topic: String,
+    /// Only records with this reason (the sieve-dlq-reason header).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only records dead-lettered at or after this instant (RFC 3339).
+    #[arg(long, value_parser = sieve::replay::parse_datetime)]
+    since: Option<i64>,
+    /// Only records dead-lettered before this instant (RFC 3339).
+    #[arg(long, value_parser = sieve::replay::parse_datetime)]
+    to: Option<i64>,
+    /// At most this many records.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl DlqArgs {
+    fn filter(&self) -> dlq::Filter {
+        dlq::Filter {
+            reason: self.reason.clone(),
+            since: self.since,
+            to: self.to,
+            limit: self.limit,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["to_earliest", "to_latest", "to_datetime", "to_offset", "shift_by"])))]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["dry_run", "execute"])))]
+struct ReplayArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[arg(long)]
+    group: String,
+    #[arg(long)]
+    topic: String,
+    /// Only these partitions (comma separated); all by default.
+    #[arg(long, value_delimiter = ',')]
+    partitions: Vec<i32>,
+    #[arg(long)]
+    to_earliest: bool,
+    #[arg(long)]
+    to_latest: bool,
+    /// The first record at or after this instant (RFC 3339, e.g. 2026-11-20T10:00:00Z).
+    #[arg(long, value_parser = sieve::replay::parse_datetime)]
+    to_datetime: Option<i64>,
+    #[arg(long)]
+    to_offset: Option<i64>,
+    /// Move the committed offset by N (negative: back).
+    #[arg(long, allow_hyphen_values = true)]
+    shift_by: Option<i64>,
+    /// Print the plan, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Commit the new offsets.
+    #[arg(long)]
+    execute: bool,
+}
+
+impl ReplayArgs {
+    fn target(&self) -> Target {
+        match (self.to_datetime, self.to_offset, self.shift_by) {
+            (Some(t), _, _) => Target::Datetime(t),
+            (_, Some(o), _) => Target::Offset(o),
+            (_, _, Some(n)) => Target::ShiftBy(n),
+            _ if self.to_latest => Target::Latest,
+            _ => Target::Earliest,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -318,6 +422,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 topic,
                 total,
             } => ctl::lag(kafka, &group, &topic, total),
+            Ctl::Dlq {
+                command: DlqCmd::List(a),
+            } => dlq::list(a.kafka.clone(), &a.topic, &a.filter()),
+            Ctl::Dlq {
+                command: DlqCmd::Show(a),
+            } => dlq::show(a.kafka.clone(), &a.topic, &a.filter()),
+            Ctl::Dlq {
+                command: DlqCmd::Redrive { args: a, to_topic },
+            } => dlq::redrive(a.kafka.clone(), &a.topic, &a.filter(), to_topic.as_deref()),
+            Ctl::Replay(args) => {
+                let target = args.target();
+                replay::run(
+                    args.kafka,
+                    &replay::Args {
+                        group: &args.group,
+                        topic: &args.topic,
+                        partitions: &args.partitions,
+                        target,
+                        execute: args.execute,
+                    },
+                )
+            }
             Ctl::Produce {
                 kafka,
                 topic,

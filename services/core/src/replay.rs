@@ -1,0 +1,420 @@
+//! Replays requested with `sieve ctl replay`: the runtime side.
+//!
+//! `sieve ctl replay --execute` commits the group's new offsets with the commit metadata
+//! `sieve-replay:<id>`. An ordinary commit by the runtime carries no metadata, so the
+//! metadata is what tells a requested rewind from a committed offset that merely lags the
+//! store (the store, not the group, is where processing resumes; docs/exactly-once.md).
+//! Brokers that store commit metadata but do not return it (the local broker, Tansu 0.6.0,
+//! answers OffsetFetch with an empty string) are served by the same request, which the tool
+//! also writes to the compacted topic `<group>.replay`, key `<topic>/<partition>`; it counts
+//! only when the group's committed offset still equals the requested offset.
+//!
+//! On partition open, a request whose id the partition has not honoured yet:
+//! 1. wipes the state: the changelog receives a drop for every time bucket and a tombstone
+//!    for every other key, then the local store is deleted and recreated, so no later restore
+//!    from the changelog can bring pre-replay state back;
+//! 2. warms the state up when the operator asks for it ([`OperatorFactory::warmup`]): the
+//!    input from `offsets_for_times(timestamp at the replay offset − warmup)` up to the replay
+//!    offset is processed again with its outputs discarded, so dedup still knows the keys it
+//!    had seen before the replay point;
+//! 3. writes the rebuilt state, the replay offset and the honoured id through the normal
+//!    commit and changelog path.
+//!
+//! A crash anywhere before step 3 leaves the id unhonoured and the request standing, so the
+//! next open starts the replay over; state written by the interrupted attempt is wiped again.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::changelog;
+use crate::error::{CoreError, Result};
+use crate::kafka::Clients;
+use crate::runner::{send_changelog_group, settle_changelog, Ctx, Operator, OperatorFactory};
+use crate::store::{Changes, PartitionMeta, PartitionStore};
+use crate::telemetry::names;
+
+/// Prefix of the commit metadata that marks a requested replay.
+pub const METADATA_PREFIX: &str = "sieve-replay:";
+
+/// Replay ids a partition remembers as honoured (a newer request replaces the oldest).
+const HONOURED_KEPT: usize = 16;
+
+/// Changes per changelog group while wiping and warming up: bounds memory, whatever the
+/// size of the state.
+const CHUNK: usize = 10_000;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const IDLE: Duration = Duration::from_secs(30);
+
+/// The commit metadata of replay `id`.
+pub fn metadata(id: &str) -> String {
+    format!("{METADATA_PREFIX}{id}")
+}
+
+/// The replay id in commit metadata, if it is a replay request.
+pub fn id_in(metadata: &str) -> Option<&str> {
+    metadata
+        .strip_prefix(METADATA_PREFIX)
+        .filter(|id| !id.is_empty())
+}
+
+/// Compacted topic where `sieve ctl replay` records its requests for `group`.
+pub fn requests_topic(group: &str) -> String {
+    format!("{group}.replay")
+}
+
+/// Key of one partition's request in [`requests_topic`].
+pub fn request_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+/// True when `changelog` (the partition's latest meta there) honoured a replay that the local
+/// store's meta does not know: another instance rewound the partition since this store was
+/// written, so the store is stale even though its offset is ahead.
+pub(crate) fn missed(changelog: &PartitionMeta, local: &PartitionMeta) -> bool {
+    changelog
+        .replays
+        .iter()
+        .any(|id| !local.replays.contains(id))
+}
+
+/// A rewind of one partition to `offset`, named `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: String,
+    pub offset: i64,
+}
+
+/// Where and what the partition being opened is.
+pub(crate) struct Io<'a> {
+    pub reader: &'a BaseConsumer,
+    pub producer: &'a FutureProducer,
+    pub group: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+}
+
+/// Finds and honours replay requests when partitions open.
+pub(crate) struct Replay {
+    /// A consumer of the group that never subscribes: it only reads committed offsets.
+    probe: BaseConsumer,
+    /// Requests from [`requests_topic`] as read up to the given end offset.
+    recorded: Option<(i64, BTreeMap<String, Request>)>,
+}
+
+impl Replay {
+    pub(crate) fn new(clients: &Clients, group: &str) -> Result<Self> {
+        Ok(Replay {
+            probe: clients.consumer(group, DefaultConsumerContext)?,
+            recorded: None,
+        })
+    }
+
+    /// Honours a pending replay request of the partition in `store`; returns the store to use
+    /// and, when it replayed, the operator already opened (and warmed up) on it.
+    pub(crate) fn honour<F: OperatorFactory>(
+        &mut self,
+        factory: &F,
+        io: &Io<'_>,
+        store: PartitionStore,
+        meta: &mut PartitionMeta,
+    ) -> Result<(PartitionStore, Option<F::Op>)> {
+        let Some(req) = self.pending(io, &meta.replays)? else {
+            return Ok((store, None));
+        };
+        let (low, high) = io
+            .reader
+            .fetch_watermarks(io.topic, io.partition, TIMEOUT)
+            .map_err(|e| {
+                CoreError::kafka(format!("watermarks of {}/{}", io.topic, io.partition), e)
+            })?;
+        // Retention may have moved the start since the request was made.
+        let start = req.offset.clamp(low, high);
+        tracing::info!(
+            topic = io.topic,
+            partition = io.partition,
+            id = req.id,
+            from = meta.next_offset,
+            to = start,
+            "replay requested: wiping state"
+        );
+        let mut fresh = PartitionMeta {
+            next_offset: start,
+            changelog_pos: meta.changelog_pos,
+            clean: true,
+            // The side table is shared by the process and not rewound; the partition keeps
+            // its place in it.
+            side_pos: meta.side_pos.clone(),
+            replays: meta.replays.clone(),
+            ..Default::default()
+        };
+        wipe_changelog(io, &store, &fresh)?;
+        let path = store.path().to_path_buf();
+        drop(store);
+        PartitionStore::destroy(&path)?;
+        let mut store = PartitionStore::open(&path)?;
+        let mut op = factory.open(io.topic, io.partition, &store)?;
+        let mut pending = Vec::new();
+        if let Some(window) = factory.warmup() {
+            let from = warmup_start(io, window, low, start, high)?;
+            let warmed = warm_up(io, &mut op, &mut store, &fresh, from, start, &mut pending)?;
+            metrics::counter!(names::REPLAY_WARMUP_RECORDS).increment(warmed);
+            tracing::info!(
+                topic = io.topic,
+                partition = io.partition,
+                from,
+                to = start,
+                records = warmed,
+                "replay warm-up done"
+            );
+        }
+        fresh.replays.push(req.id);
+        let excess = fresh.replays.len().saturating_sub(HONOURED_KEPT);
+        fresh.replays.drain(..excess);
+        let mut last = Changes::default();
+        flush(&mut op, &store, &mut last)?;
+        store.commit(&last, &fresh)?;
+        pending.extend(send_changelog_group(
+            io.producer,
+            io.group,
+            &(io.topic.to_string(), io.partition),
+            &last,
+            &fresh,
+        )?);
+        if let Some(pos) = settle_changelog(pending)? {
+            fresh.changelog_pos = pos;
+        }
+        store.commit(&Changes::default(), &fresh)?;
+        metrics::counter!(names::REPLAYS).increment(1);
+        *meta = fresh;
+        Ok((store, Some(op)))
+    }
+
+    /// The partition's replay request, unless none stands or it was honoured already.
+    fn pending(&mut self, io: &Io<'_>, honoured: &[String]) -> Result<Option<Request>> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(io.topic, io.partition);
+        let committed = self
+            .probe
+            .committed_offsets(tpl, TIMEOUT)
+            .map_err(|e| CoreError::kafka("committed offsets", e))?;
+        let Some(elem) = committed.find_partition(io.topic, io.partition) else {
+            return Ok(None);
+        };
+        let Some(offset) = elem.offset().to_raw().filter(|o| *o >= 0) else {
+            return Ok(None);
+        };
+        let id = match id_in(elem.metadata()) {
+            Some(id) => id.to_string(),
+            None if elem.metadata().is_empty() => {
+                let key = request_key(io.topic, io.partition);
+                match self.recorded(io.reader, io.group)?.get(&key) {
+                    Some(r) if r.offset == offset => r.id.clone(),
+                    _ => return Ok(None),
+                }
+            }
+            None => return Ok(None),
+        };
+        Ok((!honoured.contains(&id)).then_some(Request { id, offset }))
+    }
+
+    /// The requests recorded in the group's requests topic (none when it does not exist),
+    /// read again only when it has grown.
+    fn recorded(
+        &mut self,
+        reader: &BaseConsumer,
+        group: &str,
+    ) -> Result<&BTreeMap<String, Request>> {
+        let topic = requests_topic(group);
+        let end = match reader.fetch_watermarks(&topic, 0, TIMEOUT) {
+            Ok((_, high)) => high,
+            // No tool ever wrote a request for this group.
+            Err(_) => 0,
+        };
+        if self.recorded.as_ref().map(|(e, _)| *e) != Some(end) {
+            let mut requests = BTreeMap::new();
+            changelog::read_range(reader, &topic, 0, 0, end, IDLE, |m| {
+                let Some(key) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+                    return Ok(());
+                };
+                match m.payload().map(serde_json::from_slice::<Request>) {
+                    Some(Ok(r)) => {
+                        requests.insert(key, r);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(topic, key, error = %e, "ignoring an unreadable replay request");
+                    }
+                    None => {
+                        requests.remove(&key);
+                    }
+                }
+                Ok(())
+            })?;
+            self.recorded = Some((end, requests));
+        }
+        Ok(self.recorded.as_ref().map(|(_, r)| r).unwrap_or(&EMPTY))
+    }
+}
+
+static EMPTY: BTreeMap<String, Request> = BTreeMap::new();
+
+/// Sends, as changelog groups, a drop for every time bucket and a tombstone for every other
+/// key of `store`, so that a restore from the changelog ends with nothing of it.
+fn wipe_changelog(io: &Io<'_>, store: &PartitionStore, meta: &PartitionMeta) -> Result<()> {
+    let tp = (io.topic.to_string(), io.partition);
+    let mut pending = Vec::new();
+    let mut changes = Changes::default();
+    for bucket in store.buckets() {
+        changes.drop_bucket(&bucket);
+    }
+    for cf in store.state_cfs() {
+        store.for_each_prefix(&cf, b"", |k, _| {
+            changes.delete(&cf, k);
+            if changes.len() >= CHUNK {
+                pending.extend(send_changelog_group(
+                    io.producer,
+                    io.group,
+                    &tp,
+                    &changes,
+                    meta,
+                )?);
+                changes.clear();
+            }
+            Ok(())
+        })?;
+    }
+    pending.extend(send_changelog_group(
+        io.producer,
+        io.group,
+        &tp,
+        &changes,
+        meta,
+    )?);
+    settle_changelog(pending).map(|_| ())
+}
+
+/// The first input offset to warm up from: where records of `window` before the replay
+/// offset's record begin (by the broker's timestamp index).
+fn warmup_start(io: &Io<'_>, window: Duration, low: i64, start: i64, high: i64) -> Result<i64> {
+    // The replay offset's record, or the last one when replaying from the end.
+    let at = if start < high { start } else { start - 1 };
+    if at < low {
+        return Ok(start);
+    }
+    let mut ts = None;
+    changelog::read_range(io.reader, io.topic, io.partition, at, at + 1, IDLE, |m| {
+        ts = m.timestamp().to_millis();
+        Ok(())
+    })?;
+    let Some(ts) = ts else {
+        return Ok(low);
+    };
+    let target = ts.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX));
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(io.topic, io.partition, Offset::Offset(target.max(0)))
+        .map_err(|e| CoreError::kafka("offsets for times", e))?;
+    let found = io.reader.offsets_for_times(tpl, TIMEOUT).map_err(|e| {
+        CoreError::kafka(
+            format!("offsets for times of {}/{}", io.topic, io.partition),
+            e,
+        )
+    })?;
+    let from = match found
+        .find_partition(io.topic, io.partition)
+        .map(|e| e.offset())
+    {
+        Some(Offset::Offset(o)) => o,
+        // No record at or after the target time: nothing of the window is left to read.
+        _ => start,
+    };
+    Ok(from.clamp(low, start))
+}
+
+/// Processes `[from, to)` with outputs discarded, committing the state in chunks (locally
+/// and to the changelog, with `meta`, whose id is not honoured yet). Returns records read.
+fn warm_up<O: Operator>(
+    io: &Io<'_>,
+    op: &mut O,
+    store: &mut PartitionStore,
+    meta: &PartitionMeta,
+    from: i64,
+    to: i64,
+    pending: &mut Vec<DeliveryFuture>,
+) -> Result<u64> {
+    let tp = (io.topic.to_string(), io.partition);
+    let mut changes = Changes::default();
+    let mut outputs = Vec::new();
+    let mut read = 0u64;
+    changelog::read_range(io.reader, io.topic, io.partition, from, to, IDLE, |m| {
+        read += 1;
+        op.process(m, &mut Ctx::new(store, &mut changes, &mut outputs, false))?;
+        outputs.clear();
+        if changes.len() >= CHUNK {
+            flush(op, store, &mut changes)?;
+            store.commit(&changes, meta)?;
+            pending.extend(send_changelog_group(
+                io.producer,
+                io.group,
+                &tp,
+                &changes,
+                meta,
+            )?);
+            changes.clear();
+        }
+        Ok(())
+    })?;
+    flush(op, store, &mut changes)?;
+    store.commit(&changes, meta)?;
+    pending.extend(send_changelog_group(
+        io.producer,
+        io.group,
+        &tp,
+        &changes,
+        meta,
+    )?);
+    Ok(read)
+}
+
+/// Lets the operator write its caches, as before every commit.
+fn flush<O: Operator>(op: &mut O, store: &PartitionStore, changes: &mut Changes) -> Result<()> {
+    let mut outputs = Vec::new();
+    op.flush(&mut Ctx::new(store, changes, &mut outputs, false), false)?;
+    if outputs.is_empty() {
+        Ok(())
+    } else {
+        Err(CoreError::Operator(
+            "flush emitted outputs; only process may".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_round_trips_and_ordinary_commits_are_not_requests() {
+        assert_eq!(id_in(&metadata("r-1")), Some("r-1"));
+        assert_eq!(id_in(""), None);
+        assert_eq!(id_in("sieve-replay:"), None);
+        assert_eq!(id_in("something else"), None);
+    }
+
+    #[test]
+    fn a_store_that_missed_a_replay_is_stale_whatever_its_offset() {
+        let meta = |next_offset, replays: &[&str]| PartitionMeta {
+            next_offset,
+            replays: replays.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(missed(&meta(10, &["a", "b"]), &meta(500, &["a"])));
+        assert!(!missed(&meta(10, &["a"]), &meta(500, &["a"])));
+        assert!(!missed(&meta(10, &[]), &meta(500, &["a"])));
+    }
+}
