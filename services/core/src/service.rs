@@ -25,7 +25,8 @@ pub fn shutdown_on_signals(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
     flag
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or SIGINT (only SIGINT where SIGTERM cannot be handled).
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

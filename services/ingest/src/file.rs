@@ -379,28 +379,11 @@ fn dead_letter<'b>(
     r: &Rejection,
     bytes: &'b [u8],
 ) -> Out<'b> {
-    let detail = match (&r.path, &r.rule) {
-        (Some(p), Some(rule)) => format!("{} (path {p:?}, rule {rule})", r.detail),
-        _ => r.detail.clone(),
-    };
     Out {
         topic: dlq,
         key: key.into_bytes(),
         payload: bytes,
-        headers: vec![
-            (sieve_core::dlq::STAGE, b"ingest".to_vec()),
-            (
-                sieve_core::dlq::REASON,
-                r.reason.as_str().as_bytes().to_vec(),
-            ),
-            (sieve_core::dlq::DETAIL, detail.into_bytes()),
-            (
-                sieve_core::dlq::SOURCE_TOPIC,
-                stream.spec.topic.clone().into_bytes(),
-            ),
-            (headers::STREAM, stream.name.clone().into_bytes()),
-            (headers::SOURCE, origin.into_bytes()),
-        ],
+        headers: r.dlq_headers(stream, origin),
     }
 }
 

@@ -383,28 +383,12 @@ fn dlq_out<'a>(
         Some(l) => format!("index {index}, line {l}"),
         None => format!("index {index}"),
     };
-    let detail = match (&r.path, &r.rule) {
-        (Some(p), Some(rule)) => format!("{} (path {p:?}, rule {rule})", r.detail),
-        _ => r.detail.clone(),
-    };
+    let mut headers = r.dlq_headers(stream, format!("http {position}"));
+    headers.push((headers::TENANT, key.tenant.clone().into_bytes()));
     Out {
         topic: &app.dlq_topic,
         key: keys::content_key(&stream.name, payload).into_bytes(),
         payload,
-        headers: vec![
-            (sieve_core::dlq::STAGE, b"ingest".to_vec()),
-            (
-                sieve_core::dlq::REASON,
-                r.reason.as_str().as_bytes().to_vec(),
-            ),
-            (sieve_core::dlq::DETAIL, detail.into_bytes()),
-            (
-                sieve_core::dlq::SOURCE_TOPIC,
-                stream.spec.topic.clone().into_bytes(),
-            ),
-            (headers::STREAM, stream.name.clone().into_bytes()),
-            (headers::TENANT, key.tenant.clone().into_bytes()),
-            (headers::SOURCE, format!("http {position}").into_bytes()),
-        ],
+        headers,
     }
 }

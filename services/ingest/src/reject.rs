@@ -3,6 +3,9 @@
 
 use serde::Serialize;
 
+use crate::keys::headers;
+use crate::streams::Stream;
+
 /// Stable reason codes. Documented in docs/ingest.md; never rename one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -135,6 +138,29 @@ pub struct Rejection {
 }
 
 impl Rejection {
+    /// Headers of this record's DLQ copy: the core's DLQ headers (stage, reason, detail with
+    /// path and rule, the topic it was bound for), the stream and where it came from.
+    pub fn dlq_headers(&self, stream: &Stream, source: String) -> Vec<(&'static str, Vec<u8>)> {
+        let detail = match (&self.path, &self.rule) {
+            (Some(p), Some(rule)) => format!("{} (path {p:?}, rule {rule})", self.detail),
+            _ => self.detail.clone(),
+        };
+        vec![
+            (sieve_core::dlq::STAGE, b"ingest".to_vec()),
+            (
+                sieve_core::dlq::REASON,
+                self.reason.as_str().as_bytes().to_vec(),
+            ),
+            (sieve_core::dlq::DETAIL, detail.into_bytes()),
+            (
+                sieve_core::dlq::SOURCE_TOPIC,
+                stream.spec.topic.clone().into_bytes(),
+            ),
+            (headers::STREAM, stream.name.clone().into_bytes()),
+            (headers::SOURCE, source.into_bytes()),
+        ]
+    }
+
     pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
         Rejection {
             reason,

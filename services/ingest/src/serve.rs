@@ -77,7 +77,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         None => None,
     };
     tracing::info!(listen = %args.listen, streams = ?app.registry.names().collect::<Vec<_>>(), "ingest serving");
-    wait_for_signal().await;
+    sieve_core::service::wait_for_signal().await;
     tracing::info!("shutdown requested: draining in-flight requests");
     health.set_joined(false);
     let _ = stop_tx.send(true);
@@ -139,22 +139,6 @@ async fn readiness(app: Arc<App>, health: Arc<Health>, mut stop: watch::Receiver
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = stop.changed() => return,
-        }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGTERM handler; only Ctrl-C stops gracefully");
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
