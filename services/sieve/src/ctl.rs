@@ -255,14 +255,10 @@ pub fn summarise_events(spec: EventSpec) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints follow events of one author's followers as NDJSON.
-pub fn print_follows(author: &str, followers: u64) -> anyhow::Result<ExitCode> {
+/// Prints generated records as NDJSON.
+pub fn print_records(records: impl Iterator<Item = (String, Vec<u8>)>) -> anyhow::Result<ExitCode> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    write_json_records(
-        &mut out,
-        gen::follows(author, followers).map(|(_, r)| r),
-        false,
-    )?;
+    write_json_records(&mut out, records.map(|(_, r)| r), false)?;
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

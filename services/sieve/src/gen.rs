@@ -187,6 +187,95 @@ pub fn follows(author: &str, followers: u64) -> impl Iterator<Item = (String, Ve
     })
 }
 
+const ZONES: [&str; 5] = [
+    "Europe/Paris",
+    "America/New_York",
+    "Asia/Tokyo",
+    "Australia/Sydney",
+    "UTC",
+];
+
+/// Preferences of `users` users (`fan0` …, the followers of [`follows`]), as `users.prefs`
+/// records with a `user_id` field: most active with a device token; about 10 % inactive
+/// (last seen 60 days before `now`), 20 % with quiet hours 22:00–07:00 in one of five time
+/// zones, 5 % muting the `promo` category, 5 % muting the author `celebrity`.
+pub fn prefs(users: u64, now: &str, seed: u64) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
+    let mut rng = Pcg64Mcg::seed_from_u64(seed);
+    (0..users).map(move |i| {
+        let user = format!("fan{i}");
+        let roll: f64 = rng.random();
+        let mut p = serde_json::json!({
+            "user_id": user,
+            "last_active": now,
+            "device_tokens": [format!("tok-{i}")],
+        });
+        if roll < 0.10 {
+            p["last_active"] = "2026-01-01T00:00:00Z".into();
+        } else if roll < 0.30 {
+            p["quiet_hours"] = serde_json::json!({
+                "start": "22:00", "end": "07:00", "tz": ZONES[(i % 5) as usize],
+            });
+        } else if roll < 0.35 {
+            p["muted_categories"] = serde_json::json!(["promo"]);
+        } else if roll < 0.40 {
+            p["muted_authors"] = serde_json::json!(["celebrity"]);
+        }
+        (user, p.to_string().into_bytes())
+    })
+}
+
+/// `count` notification requests of one priority, as `notify.requests.p<priority>` records:
+/// P0 2FA codes and P1 receipts to single users, P2 posts of `author` to its followers, P3
+/// promotions to its followers under one campaign.
+pub fn notifications<'a>(
+    priority: u8,
+    count: u64,
+    author: &'a str,
+    now: &'a str,
+) -> impl Iterator<Item = (String, Vec<u8>)> + 'a {
+    (0..count).map(move |i| {
+        let id = format!("p{priority}-{i}");
+        let (category, template, channels, audience) = match priority {
+            0 => (
+                "security",
+                "2fa_code",
+                vec!["push", "sms"],
+                serde_json::json!([format!("fan{i}")]),
+            ),
+            1 => (
+                "transactional",
+                "receipt",
+                vec!["email", "inapp"],
+                serde_json::json!([format!("fan{i}")]),
+            ),
+            2 => (
+                "social",
+                "new_post",
+                vec!["push", "inapp"],
+                serde_json::json!({"followers_of": author}),
+            ),
+            _ => (
+                "promo",
+                "sale",
+                vec!["push", "email"],
+                serde_json::json!({"followers_of": author}),
+            ),
+        };
+        let mut r = serde_json::json!({
+            "notification_id": id, "priority": priority.min(3), "category": category,
+            "template": template, "data": {"n": i}, "channels": channels, "created_at": now,
+            "audience": audience,
+        });
+        if priority >= 2 {
+            r["author_id"] = author.into();
+        }
+        if priority >= 3 {
+            r["campaign_id"] = "spring-sale".into();
+        }
+        (id, r.to_string().into_bytes())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +306,29 @@ mod tests {
         }
         assert!((3_600..4_400).contains(&retries), "retries {retries}");
         assert!((120..280).contains(&conflicts), "conflicts {conflicts}");
+    }
+
+    #[test]
+    fn prefs_and_notifications_are_what_notify_reads() {
+        let now = "2026-11-27T12:00:00Z";
+        let prefs: Vec<_> = prefs(1_000, now, 7).collect();
+        assert_eq!(prefs, super::prefs(1_000, now, 7).collect::<Vec<_>>());
+        let mut quiet = 0;
+        for (user, bytes) in &prefs {
+            let p: sieve_notify::model::Prefs = serde_json::from_slice(bytes).unwrap();
+            quiet += usize::from(p.quiet_hours.is_some());
+            assert!(user.starts_with("fan"));
+        }
+        assert!((120..280).contains(&quiet), "quiet {quiet}");
+        for priority in 0..4 {
+            for (id, bytes) in notifications(priority, 5, "celebrity", now) {
+                let r: sieve_notify::model::Request = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(
+                    (r.notification.notification_id, r.notification.priority),
+                    (id, priority)
+                );
+            }
+        }
     }
 
     #[test]

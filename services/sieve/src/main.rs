@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use sieve::ctl;
 use sieve::dlq;
-use sieve::gen::{EventSpec, UsersSpec};
+use sieve::gen::{self, EventSpec, UsersSpec};
 use sieve::replay::{self, Target};
 use sieve_core::config::{KafkaArgs, LogFormat, ServiceArgs};
 use sieve_dedup::DedupArgs;
@@ -276,6 +276,23 @@ enum GenCmd {
         #[arg(long, default_value_t = 100_000)]
         followers: u64,
     },
+    /// Preferences of the followers (`fan0` …) as NDJSON with a `user_id` field: quiet hours
+    /// in five time zones, mutes, inactive users, device tokens.
+    Prefs {
+        #[arg(long, default_value_t = 100_000)]
+        users: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Notification requests of one priority as NDJSON with a `notification_id` field.
+    Notifications {
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
+        priority: u8,
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        #[arg(long, default_value = "celebrity")]
+        author: String,
+    },
     /// Events with client retries and idempotency conflicts.
     Events {
         #[arg(long, default_value_t = 10_000)]
@@ -319,6 +336,10 @@ enum GenCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 fn main() -> ExitCode {
@@ -481,7 +502,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ctl::Gen {
                 command: GenCmd::Follows { author, followers },
-            } => ctl::print_follows(&author, followers),
+            } => ctl::print_records(gen::follows(&author, followers)),
+            Ctl::Gen {
+                command: GenCmd::Prefs { users, seed },
+            } => ctl::print_records(gen::prefs(users, &now_rfc3339(), seed)),
+            Ctl::Gen {
+                command:
+                    GenCmd::Notifications {
+                        priority,
+                        count,
+                        author,
+                    },
+            } => ctl::print_records(gen::notifications(priority, count, &author, &now_rfc3339())),
             Ctl::Gen {
                 command:
                     GenCmd::Users {
