@@ -2,71 +2,19 @@
 //! RocksDB on disk. Expected answers come from the deterministic generator.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use rdkafka::message::Message;
 use sieve::gen::{self, Event, EventKind, EventSpec};
-use sieve_tests::{header_str, service_args, unique, wait_for, Broker, Service, TestRecord};
+use sieve_tests::{header_str, wait_for, Service, TestRecord};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sieve");
+mod common;
 
-struct Setup {
-    broker: Broker,
-    raw: String,
-    uniq: String,
-    dlq: String,
-    group: String,
-    dir: tempfile::TempDir,
-}
+/// The shared dedup pipeline; this file adds its dedup-specific checks.
+type Setup = common::Pipeline;
 
 impl Setup {
-    fn new(partitions: i32) -> Result<Setup> {
-        let broker = Broker::start()?;
-        let (raw, uniq, dlq) = (unique("raw"), unique("unique"), unique("dlq"));
-        broker.create_topic(&raw, partitions)?;
-        broker.create_topic(&uniq, partitions)?;
-        broker.create_topic(&dlq, 1)?;
-        Ok(Setup {
-            broker,
-            raw,
-            uniq,
-            dlq,
-            group: unique("dedup"),
-            dir: tempfile::tempdir()?,
-        })
-    }
-
-    fn spawn(&self, extra: &[&str], env: &[(&str, &str)]) -> Result<Service> {
-        let mut args: Vec<String> = [
-            "dedup", "--input", &self.raw, "--output", &self.uniq, "--dlq", &self.dlq,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(service_args(
-            &self.broker,
-            &self.group,
-            &self.dir.path().join("state"),
-        ));
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Service::spawn(Path::new(BIN), &args, env, self.dir.path())
-    }
-
-    fn produce(&self, events: &[Event]) -> Result<()> {
-        self.broker.produce_records(
-            &self.raw,
-            events.iter().map(|e| TestRecord {
-                key: e.key.as_bytes(),
-                value: &e.payload,
-                headers: vec![("idempotency-key", e.key.as_bytes())],
-                timestamp_ms: None,
-            }),
-        )?;
-        Ok(())
-    }
-
     fn wait_for_outputs(&self, svc: &mut Service, unique: i64, dlq: i64) -> Result<()> {
         let mut exited = None;
         wait_for("dedup outputs", Duration::from_secs(300), || {
@@ -190,7 +138,7 @@ fn dedup_200k_with_retries_and_conflicts_reconciles() -> Result<()> {
     let events = generated(200_000, 7);
     let (new, retries, conflicts) = expected_counts(&events);
     s.produce(&events)?;
-    let mut svc = s.spawn(&[], &[])?;
+    let mut svc = s.spawn()?;
     s.wait_for_outputs(&mut svc, new, conflicts)?;
     let m = |name: &str| svc.metric(name, &[]).unwrap_or(-1.0) as i64;
     wait_for("all input counted", Duration::from_secs(30), || {
@@ -229,7 +177,7 @@ fn keys_pass_again_after_the_ttl_and_buckets_are_dropped() -> Result<()> {
             rec("b", "1", t0 + 6_200), // duplicate of the line above
         ],
     )?;
-    let mut svc = s.spawn(&["--ttl", "2s", "--buckets", "2"], &[])?;
+    let mut svc = s.spawn_with(&["--ttl", "2s", "--buckets", "2"])?;
     s.wait_for_outputs(&mut svc, 4, 0)?;
     let drops = wait_for("bucket drops", Duration::from_secs(30), || {
         svc.metric("sieve_dedup_bucket_drops_total", &[])
@@ -262,10 +210,10 @@ fn sigkill_mid_run_gives_exactly_once_output() -> Result<()> {
         "after_produce@4",
         "after_state_committed@3",
     ] {
-        let mut svc = s.spawn(&["--batch-records", "2000"], &[("SIEVE_FAILPOINT", fp)])?;
+        let mut svc = s.spawn_env(&["--batch-records", "2000"], &[("SIEVE_FAILPOINT", fp)])?;
         svc.wait_exit(&format!("crash at {fp}"), Duration::from_secs(120))?;
     }
-    let mut svc = s.spawn(&[], &[])?;
+    let mut svc = s.spawn()?;
     s.wait_for_outputs(&mut svc, new, conflicts)?;
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
     s.check(&events)
@@ -278,14 +226,14 @@ fn deleted_state_dir_is_restored_and_decides_the_same() -> Result<()> {
     let (first, second) = events.split_at(20_000);
     s.produce(first)?;
     let (new1, _, conf1) = expected_counts(first);
-    let mut svc = s.spawn(&[], &[])?;
+    let mut svc = s.spawn()?;
     s.wait_for_outputs(&mut svc, new1, conf1)?;
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
     std::fs::remove_dir_all(s.dir.path().join("state"))?;
     // Retries in the second half of keys from the first half must still be duplicates.
     s.produce(second)?;
     let (new, _, conflicts) = expected_counts(&events);
-    let mut svc = s.spawn(&[], &[])?;
+    let mut svc = s.spawn()?;
     s.wait_for_outputs(&mut svc, new, conflicts)?;
     let restored = svc
         .metric("sieve_restore_records_total", &[])
@@ -307,7 +255,7 @@ fn bloom_filters_skip_store_reads_for_new_keys() -> Result<()> {
     })
     .collect();
     s.produce(&events)?;
-    let mut svc = s.spawn(&[], &[])?;
+    let mut svc = s.spawn()?;
     s.wait_for_outputs(&mut svc, 50_000, 0)?;
     let neg = svc
         .metric("sieve_dedup_bloom_negatives_total", &[])

@@ -1,4 +1,4 @@
-//! A dedup pipeline on its own local broker, shared by the ops tests (replay, DLQ).
+//! A dedup pipeline on its own local broker, shared by the dedup and ops tests (replay, DLQ).
 // Each test binary uses a different part of it.
 #![allow(dead_code)]
 
@@ -10,7 +10,7 @@ use anyhow::Result;
 use rdkafka::message::Message;
 use sieve::gen::{self, Event, EventKind, EventSpec};
 use sieve_core::record::OutputId;
-use sieve_tests::{unique, wait_for, Broker, Service, TestRecord};
+use sieve_tests::{service_args, unique, wait_for, Broker, Service, TestRecord};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
@@ -69,29 +69,24 @@ impl Pipeline {
 
     /// `sieve dedup` for this pipeline with extra flags.
     pub fn spawn_with(&self, extra: &[&str]) -> Result<Service> {
-        let state = self.dir.path().join("state").display().to_string();
-        let args: Vec<String> = [
-            "dedup",
-            "--input",
-            &self.raw,
-            "--output",
-            &self.uniq,
-            "--dlq",
-            &self.dlq,
-            "--brokers",
-            &self.broker.addr(),
-            "--group",
-            &self.group,
-            "--state-dir",
-            &state,
-            "-X",
-            "session.timeout.ms=6000",
+        self.spawn_env(extra, &[])
+    }
+
+    /// `sieve dedup` for this pipeline with extra flags and environment.
+    pub fn spawn_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Result<Service> {
+        let mut args: Vec<String> = [
+            "dedup", "--input", &self.raw, "--output", &self.uniq, "--dlq", &self.dlq,
         ]
         .iter()
-        .chain(extra)
         .map(|s| s.to_string())
         .collect();
-        Service::spawn(Path::new(BIN), &args, &[], self.dir.path())
+        args.extend(service_args(
+            &self.broker,
+            &self.group,
+            &self.dir.path().join("state"),
+        ));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Service::spawn(Path::new(BIN), &args, env, self.dir.path())
     }
 
     /// `sieve ctl <command> --brokers <this broker> <args>`; exit code and all output.
