@@ -188,3 +188,41 @@ fn config_or_kafka(context: &str, e: KafkaError) -> CoreError {
         other => CoreError::kafka(context, other),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clients(props: &[&str]) -> Clients {
+        Clients::new(KafkaArgs {
+            // Nothing listens there: creating a client does not connect.
+            brokers: "127.0.0.1:1".into(),
+            properties: props.iter().map(|p| p.parse().unwrap()).collect(),
+            connect_timeout_ms: 1000,
+        })
+    }
+
+    /// TLS and SASL settings given with `-X` reach librdkafka and are accepted: it was
+    /// built with TLS and SCRAM (a build without them refuses these values).
+    #[test]
+    fn tls_and_sasl_properties_are_accepted() {
+        for props in [
+            &[
+                "security.protocol=SSL",
+                "ssl.endpoint.identification.algorithm=https",
+            ][..],
+            &[
+                "security.protocol=SASL_SSL",
+                "sasl.mechanisms=SCRAM-SHA-512",
+                "sasl.username=sieve",
+                "sasl.password=secret",
+            ],
+            &["security.protocol=SASL_PLAINTEXT", "sasl.mechanisms=PLAIN"],
+        ] {
+            let c = clients(props);
+            c.producer().unwrap_or_else(|e| panic!("{props:?}: {e}"));
+            c.reader().unwrap_or_else(|e| panic!("{props:?}: {e}"));
+        }
+        assert!(clients(&["security.protocol=TLS9"]).producer().is_err());
+    }
+}

@@ -4,15 +4,24 @@
 //! alerts have one list to follow.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::LogFormat;
 use crate::error::{CoreError, Result};
@@ -219,6 +228,17 @@ pub async fn serve(
     extra: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    serve_tls(addr, health, extra, None, shutdown).await
+}
+
+/// [`serve`], over TLS when an acceptor is given.
+pub async fn serve_tls(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    extra: Router,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>> {
     let state = ServerState {
         health,
         metrics: metrics()?,
@@ -253,15 +273,87 @@ pub async fn serve(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| CoreError::Config(format!("cannot listen on {addr}: {e}")))?;
-    tracing::info!(%addr, "health and metrics server listening");
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "health server stopped");
-        }
-    }))
+    tracing::info!(%addr, tls = tls.is_some(), "HTTP server listening");
+    Ok(tokio::spawn(accept_loop(listener, app, tls, shutdown)))
+}
+
+/// How long a client may take to finish the TLS handshake and send a request's headers.
+/// A client that stays silent or trickles bytes is disconnected, so idle connections
+/// cannot pile up (slowloris); a slow body is the handler's to bound.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves every accepted connection on its own task; on `shutdown` stops accepting and
+/// waits for the requests in progress.
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let (app, tls, watcher) = (app.clone(), tls.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            match tls {
+                None => serve_connection(tcp, app, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, app, watcher).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    graceful.shutdown().await;
+}
+
+async fn serve_connection<S>(io: S, app: Router, watcher: Watcher)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A TLS acceptor from PEM files: the certificate chain and its private key.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor> {
+    let bad = |what: &Path, e: &dyn std::fmt::Display| {
+        CoreError::Config(format!("TLS: {}: {e}", what.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, &e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, &e))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(cert, &e))?
+    .with_no_client_auth()
+    .with_single_cert(chain, private)
+    .map_err(|e| bad(cert, &e))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes; 0 where /proc is unavailable.

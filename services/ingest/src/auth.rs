@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use subtle::ConstantTimeEq;
 
 use crate::error::{IngestError, Result};
 use crate::reject::Reason;
@@ -113,9 +114,17 @@ impl ApiKeys {
     }
 
     /// The key a request presented, or why it is refused.
+    /// The key presented, compared in constant time with every configured key: no early
+    /// exit on the first differing byte nor on the first match, so response times do not
+    /// tell how much of a guess was right (only, at most, a key's length).
     pub fn authenticate(&self, presented: Option<&str>) -> Result<&ApiKey, Reason> {
-        let presented = presented.ok_or(Reason::MissingApiKey)?;
-        self.keys.get(presented).ok_or(Reason::InvalidApiKey)
+        let presented = presented.ok_or(Reason::MissingApiKey)?.as_bytes();
+        let mut found = None;
+        for (stored, key) in &self.keys {
+            let same: bool = stored.as_bytes().ct_eq(presented).into();
+            found = found.or(same.then_some(key));
+        }
+        found.ok_or(Reason::InvalidApiKey)
     }
 
     /// Takes `records` tokens from the key's bucket, or says how long to wait.
@@ -171,6 +180,13 @@ mod tests {
             keys.authenticate(Some("nope")).unwrap_err(),
             Reason::InvalidApiKey
         );
+        for near in ["secret-", "secret-1x", "secret-3", "SECRET-1", ""] {
+            assert_eq!(
+                keys.authenticate(Some(near)).unwrap_err(),
+                Reason::InvalidApiKey,
+                "{near:?}"
+            );
+        }
         let k = keys.authenticate(Some("secret-1")).unwrap();
         assert_eq!(k.tenant, "acme");
         assert!(k.allows("users") && !k.allows("follows"));

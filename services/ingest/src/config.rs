@@ -71,6 +71,15 @@ pub struct ServeArgs {
     /// How long a request waits for the broker's acknowledgements before answering 503.
     #[arg(long, env = "SIEVE_INGEST_ACK_TIMEOUT_MS", default_value_t = 10_000)]
     pub ack_timeout_ms: u64,
+    /// How long a client may take to send a request's body before it is answered 408.
+    #[arg(long, env = "SIEVE_INGEST_BODY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
+    /// Serve HTTPS with this PEM certificate chain (with `--tls-key`).
+    #[arg(long, env = "SIEVE_INGEST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SIEVE_INGEST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "SIEVE_INGEST_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
@@ -85,6 +94,10 @@ pub struct ServeArgs {
 impl ServeArgs {
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_millis(self.ack_timeout_ms)
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
     }
 }
 

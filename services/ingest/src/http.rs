@@ -1,9 +1,8 @@
 //! `POST /v1/events/{stream}`: authenticate, split, validate, produce, and answer 202 only
 //! once the broker acknowledged every accepted record.
 
-use std::ops::Range;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -15,14 +14,14 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 
 use crate::auth::{ApiKey, ApiKeys};
-use crate::body::{self, Format};
-use crate::keys::{self, headers, KeySource, Prepared};
+use crate::body;
+use crate::check::{check_all, BodyLimits, Checked};
+use crate::keys::{headers, Prepared};
 use crate::metrics;
 use crate::problem::{Accepted, Problem, RecordResult};
 use crate::producer::{Out, SendError, Sink};
 use crate::reject::{Reason, Rejection};
 use crate::streams::{Registry, Stream};
-use crate::validate::{self, RecordLimits};
 
 /// The committed OpenAPI description, served as is.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -32,9 +31,9 @@ pub struct App {
     pub registry: Registry,
     pub keys: ApiKeys,
     pub sink: Sink,
-    pub limits: RecordLimits,
-    pub max_body_bytes: usize,
-    pub max_records: usize,
+    pub limits: BodyLimits,
+    /// How long a client may take to send a body.
+    pub body_timeout: Duration,
     pub dlq_topic: String,
     pub requests: Arc<Semaphore>,
 }
@@ -138,18 +137,33 @@ async fn handle(
     let gzip = body::is_gzip(header_str(h, header::CONTENT_ENCODING))?;
     let idem = idempotency_key_of(h)?;
     let declared = header_str(h, header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > app.max_body_bytes) {
-        discard(body.into_data_stream(), app.max_body_bytes).await;
-        return Err(body::too_large(app.max_body_bytes).into());
+    if declared.is_some_and(|n| n > app.limits.max_body_bytes) {
+        discard(body.into_data_stream(), app.limits.max_body_bytes).await;
+        return Err(body::too_large(app.limits.max_body_bytes).into());
     }
-    let raw = read_body(body, app.max_body_bytes).await?;
+    // A client trickling its body would hold a request slot forever.
+    let raw = tokio::time::timeout(app.body_timeout, read_body(body, app.limits.max_body_bytes))
+        .await
+        .map_err(|_| {
+            Problem::new(
+                Reason::RequestTimeout,
+                format!("the body did not arrive within {:?}", app.body_timeout),
+            )
+        })??;
     let checked = {
         let app = app.clone();
         let name = name.to_string();
-        tokio::task::spawn_blocking(move || check_all(&app, &name, raw, format, gzip, idem))
-            .await
-            // Only when the blocking pool is shutting down (or a check panicked): retryable.
-            .map_err(|e| Problem::new(Reason::Overloaded, format!("validation task: {e}")))??
+        tokio::task::spawn_blocking(move || {
+            let stream = app
+                .registry
+                .get(&name)
+                .ok_or_else(|| Problem::new(Reason::UnknownStream, name.clone()))?;
+            check_all(stream, raw, format, gzip, idem.as_deref(), &app.limits)
+                .map_err(Problem::from)
+        })
+        .await
+        // Only when the blocking pool is shutting down (or a check panicked): retryable.
+        .map_err(|e| Problem::new(Reason::Overloaded, format!("validation task: {e}")))??
     };
     produce(app, stream, key, checked).await
 }
@@ -185,57 +199,6 @@ async fn discard(mut stream: axum::body::BodyDataStream, max: usize) {
         }
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
-}
-
-/// One record's place in the body, NDJSON line and verdict.
-type Verdict = (Range<usize>, Option<u64>, Result<Prepared, Rejection>);
-
-/// Every record's verdict.
-struct Checked {
-    body: Vec<u8>,
-    batch: bool,
-    items: Vec<Verdict>,
-}
-
-/// Decompresses, splits and validates (CPU work, off the async threads).
-fn check_all(
-    app: &App,
-    name: &str,
-    raw: Vec<u8>,
-    format: Format,
-    gzip: bool,
-    idem: Option<String>,
-) -> Result<Checked, Problem> {
-    let stream = app
-        .registry
-        .get(name)
-        .ok_or_else(|| Problem::new(Reason::UnknownStream, name.to_string()))?;
-    let body = if gzip {
-        body::gunzip(&raw, app.max_body_bytes)?
-    } else {
-        raw
-    };
-    let split = body::split(format, &body, app.max_records)?;
-    let base = body.as_ptr() as usize;
-    let items = split
-        .items
-        .iter()
-        .enumerate()
-        .map(|(i, it)| {
-            // Records are sub-slices of the body: keep their place, not a copy.
-            let start = it.bytes.as_ptr() as usize - base;
-            let source = match (&idem, split.batch) {
-                (Some(h), false) => KeySource::Header(h),
-                (Some(h), true) => KeySource::BatchHeader(h, i),
-                (None, _) => KeySource::None,
-            };
-            let verdict = validate::check(stream, it.bytes, app.limits)
-                .and_then(|v| keys::prepare(stream, &v.doc, it.bytes, source));
-            (start..start + it.bytes.len(), it.line, verdict)
-        })
-        .collect();
-    let batch = split.batch;
-    Ok(Checked { body, batch, items })
 }
 
 fn rejected_result(i: usize, line: Option<u64>, r: &Rejection) -> RecordResult {

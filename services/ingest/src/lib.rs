@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

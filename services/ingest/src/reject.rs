@@ -31,6 +31,7 @@ pub enum Reason {
     InvalidApiKey,
     StreamNotAllowed,
     UnknownStream,
+    RequestTimeout,
     RateLimited,
     Overloaded,
     BrokerUnavailable,
@@ -38,7 +39,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for docs and the OpenAPI check.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::BadJson,
         Reason::InvalidUtf8,
         Reason::NumberOutOfRange,
@@ -58,6 +59,7 @@ impl Reason {
         Reason::InvalidApiKey,
         Reason::StreamNotAllowed,
         Reason::UnknownStream,
+        Reason::RequestTimeout,
         Reason::RateLimited,
         Reason::Overloaded,
         Reason::BrokerUnavailable,
@@ -84,6 +86,7 @@ impl Reason {
             Reason::InvalidApiKey => "invalid_api_key",
             Reason::StreamNotAllowed => "stream_not_allowed",
             Reason::UnknownStream => "unknown_stream",
+            Reason::RequestTimeout => "request_timeout",
             Reason::RateLimited => "rate_limited",
             Reason::Overloaded => "overloaded",
             Reason::BrokerUnavailable => "broker_unavailable",
@@ -98,6 +101,7 @@ impl Reason {
             Reason::MissingApiKey | Reason::InvalidApiKey => 401,
             Reason::StreamNotAllowed => 403,
             Reason::UnknownStream => 404,
+            Reason::RequestTimeout => 408,
             Reason::RateLimited | Reason::Overloaded => 429,
             Reason::BrokerUnavailable => 503,
             _ => 400,
@@ -111,6 +115,7 @@ impl Reason {
             401 => "Unauthorized",
             403 => "Forbidden",
             404 => "Unknown stream",
+            408 => "Request timeout",
             429 => "Too many requests",
             503 => "Service unavailable",
             _ => "Invalid request",

@@ -9,6 +9,7 @@ use sieve_core::telemetry::{self, Health};
 use tokio::sync::{watch, Semaphore};
 
 use crate::auth::ApiKeys;
+use crate::check::BodyLimits;
 use crate::config::ServeArgs;
 use crate::error::{IngestError, Result};
 use crate::http::{self, App};
@@ -50,9 +51,12 @@ async fn serve(args: &ServeArgs) -> Result<()> {
         registry,
         keys,
         sink: Sink::new(clients, budget, args.ack_timeout())?,
-        limits: args.streams.limits(),
-        max_body_bytes: args.max_body_bytes,
-        max_records: args.max_records,
+        limits: BodyLimits {
+            max_body_bytes: args.max_body_bytes,
+            max_records: args.max_records,
+            record: args.streams.limits(),
+        },
+        body_timeout: args.body_timeout(),
         dlq_topic: args.streams.dlq_topic.clone(),
         requests: Arc::new(Semaphore::new(args.max_requests.max(1))),
     });
@@ -63,10 +67,15 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let server = telemetry::serve(
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(telemetry::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let server = telemetry::serve_tls(
         args.listen,
         health.clone(),
         http::router(app.clone()),
+        tls,
         stopped(stop_rx.clone()),
     )
     .await?;

@@ -35,6 +35,23 @@ pub const CONTROL_PREFIX: &str = "k/";
 const COUNTS_PREFIX: &str = "c/";
 const DEFERRED_PREFIX: &[u8] = b"q/";
 
+/// Users-table writes for one `users.prefs` or `sieve.control` record: preferences under
+/// `p/<user>`, kill switches under `k/<key>`; a tombstone deletes, a record without a key
+/// is ignored.
+pub fn user_table_writes(rec: &OwnedMessage, prefs_topic: &str) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let Some(key) = rec.key() else {
+        return Vec::new();
+    };
+    let prefix = if rec.topic() == prefs_topic {
+        PREFS_PREFIX
+    } else {
+        CONTROL_PREFIX
+    };
+    let mut k = prefix.as_bytes().to_vec();
+    k.extend_from_slice(key);
+    vec![(k, rec.payload().map(<[u8]>::to_vec))]
+}
+
 fn pair_key(prefix: &str, parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.as_bytes().to_vec();
     for (i, p) in parts.iter().enumerate() {

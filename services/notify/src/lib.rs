@@ -30,7 +30,7 @@ use sieve_core::Result;
 
 use config::by_priority;
 pub use config::{DelivererArgs, PlannerArgs};
-use deliverer::{CountsBoard, Deliverer, CONTROL_PREFIX, PREFS_PREFIX};
+use deliverer::{CountsBoard, Deliverer};
 use planner::Planner;
 
 fn priorities(topics: &[String], guard: Duration) -> Option<(BTreeMap<String, u8>, Duration)> {
@@ -131,19 +131,7 @@ impl DelivererFactory {
             &side_path(service, "users"),
             vec![cfg.prefs.clone(), cfg.control.clone()],
             SideMode::Broadcast,
-            Box::new(move |rec| {
-                let Some(key) = rec.key() else {
-                    return Vec::new();
-                };
-                let prefix = if rec.topic() == prefs_topic {
-                    PREFS_PREFIX
-                } else {
-                    CONTROL_PREFIX
-                };
-                let mut k = prefix.as_bytes().to_vec();
-                k.extend_from_slice(key);
-                vec![(k, rec.payload().map(<[u8]>::to_vec))]
-            }),
+            Box::new(move |rec| deliverer::user_table_writes(rec, &prefs_topic)),
         )?;
         Ok(DelivererFactory {
             cfg: Arc::new(cfg),

@@ -43,6 +43,18 @@ impl Ingest {
         extra: &[&str],
         dir: &Path,
     ) -> Result<Ingest> {
+        Self::start_with_env(brokers, dlq, streams, extra, &[], dir)
+    }
+
+    /// [`Ingest::start`] with extra environment variables (e.g. `RUST_LOG`).
+    pub fn start_with_env(
+        brokers: &str,
+        dlq: &str,
+        streams: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        dir: &Path,
+    ) -> Result<Ingest> {
         let streams_file = dir.join(format!("{}.toml", sieve_tests::unique("streams")));
         std::fs::write(&streams_file, streams)?;
         let keys_file = dir.join("keys.toml");
@@ -65,7 +77,7 @@ impl Ingest {
             dlq.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut svc = Service::spawn(Path::new(BIN), &args, &[], dir)?;
+        let mut svc = Service::spawn(Path::new(BIN), &args, env, dir)?;
         let url = format!("http://127.0.0.1:{port}/healthz");
         let live = wait_for("ingest to listen", Duration::from_secs(30), || {
             if svc.exited().is_some() {

@@ -70,12 +70,20 @@ pub fn open(path: &Path) -> Result<(Box<dyn BufRead + Send>, BytesRead), ReadErr
         path: path.display().to_string(),
         source,
     };
-    let count = BytesRead::default();
     let raw: Box<dyn Read + Send> = if path.as_os_str() == "-" {
         Box::new(io::stdin())
     } else {
         Box::new(File::open(path).map_err(io_err)?)
     };
+    decode(raw).map_err(io_err)
+}
+
+/// Wraps `raw` in a gzip or zstd decoder when its first bytes are that format's magic, and
+/// counts the bytes read from `raw`.
+pub fn decode<R: Read + Send + 'static>(
+    raw: R,
+) -> io::Result<(Box<dyn BufRead + Send>, BytesRead)> {
+    let count = BytesRead::default();
     let mut buffered = BufReader::with_capacity(
         1 << 20,
         Counting {
@@ -83,7 +91,7 @@ pub fn open(path: &Path) -> Result<(Box<dyn BufRead + Send>, BytesRead), ReadErr
             count: count.clone(),
         },
     );
-    let head = buffered.fill_buf().map_err(io_err)?.to_vec();
+    let head = buffered.fill_buf()?.to_vec();
     let reader: Box<dyn BufRead + Send> = if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(BufReader::with_capacity(
             1 << 20,
@@ -92,7 +100,7 @@ pub fn open(path: &Path) -> Result<(Box<dyn BufRead + Send>, BytesRead), ReadErr
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(BufReader::with_capacity(
             1 << 20,
-            zstd::stream::read::Decoder::with_buffer(buffered).map_err(io_err)?,
+            zstd::stream::read::Decoder::with_buffer(buffered)?,
         ))
     } else {
         Box::new(buffered)
