@@ -33,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
         None => assert!(writes.is_empty()),
         Some(k) => {
             // One write under the topic's prefix, the key kept whole, a tombstone a delete.
-            let prefix = if topic == "users.prefs" { PREFS_PREFIX } else { CONTROL_PREFIX };
+            let prefix = if topic == "users.prefs" {
+                PREFS_PREFIX
+            } else {
+                CONTROL_PREFIX
+            };
             assert_eq!(writes.len(), 1);
             assert_eq!(&writes[0].0[..prefix.len()], prefix.as_bytes());
             assert_eq!(&writes[0].0[prefix.len()..], k);

@@ -17,7 +17,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // Any instant of a few decades around 2026, chosen by the input.
-    let seed = payload.iter().fold(0i64, |h, b| h.wrapping_mul(31).wrapping_add(i64::from(*b)));
+    let seed = payload
+        .iter()
+        .fold(0i64, |h, b| h.wrapping_mul(31).wrapping_add(i64::from(*b)));
     let now = Utc
         .timestamp_opt(1_700_000_000 + seed.rem_euclid(1_000_000_000), 0)
         .single()
