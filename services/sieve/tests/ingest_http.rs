@@ -403,7 +403,7 @@ fn bad_input_corpus_gets_documented_answers() -> Result<()> {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/corpus/ingest");
     let manifest: Manifest =
         toml::from_str(&std::fs::read_to_string(corpus.join("manifest.toml"))?)?;
-    ensure!(manifest.case.len() >= 60, "{} cases", manifest.case.len());
+    ensure!(manifest.case.len() >= 100, "{} cases", manifest.case.len());
     let broker = Broker::start()?;
     let t = Topics::create(&broker)?;
     let dir = tempfile::tempdir()?;
