@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use crate::auth::{ApiKey, ApiKeys};
 use crate::body;
 use crate::check::{check_all, BodyLimits, Checked};
-use crate::keys::{headers, Prepared};
+use crate::keys::{self, headers, Prepared};
 use crate::metrics;
 use crate::problem::{Accepted, Problem, RecordResult};
 use crate::producer::{Out, SendError, Sink};

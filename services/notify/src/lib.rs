@@ -19,7 +19,6 @@ use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use sieve_core::config::{KafkaArgs, ServiceArgs};
 use sieve_core::kafka::Clients;
