@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sieve_tests::{free_port, http_get, wait_for, Service};
+use sieve_tests::{free_port, wait_for, Service};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
@@ -78,12 +78,13 @@ impl Ingest {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut svc = Service::spawn(Path::new(BIN), &args, env, dir)?;
-        let url = format!("http://127.0.0.1:{port}/healthz");
+        // The metrics port: plain HTTP even when the API port serves TLS. It starts after
+        // the API port, so the API is listening once it answers.
         let live = wait_for("ingest to listen", Duration::from_secs(30), || {
             if svc.exited().is_some() {
                 return Some(false);
             }
-            http_get(&url).filter(|(s, _)| *s == 200).map(|_| true)
+            svc.get("/healthz").filter(|(s, _)| *s == 200).map(|_| true)
         })?;
         anyhow::ensure!(live, "ingest exited at start:\n{}", svc.logs());
         Ok(Ingest { svc, port })
