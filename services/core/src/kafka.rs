@@ -217,7 +217,12 @@ mod tests {
                 "sasl.username=sieve",
                 "sasl.password=secret",
             ],
-            &["security.protocol=SASL_PLAINTEXT", "sasl.mechanisms=PLAIN"],
+            &[
+                "security.protocol=SASL_PLAINTEXT",
+                "sasl.mechanisms=PLAIN",
+                "sasl.username=key",
+                "sasl.password=secret",
+            ],
         ] {
             let c = clients(props);
             c.producer().unwrap_or_else(|e| panic!("{props:?}: {e}"));
