@@ -24,6 +24,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Every service of the pipeline (ingest, dedup, anti-join, notify planner and deliverer)
+    /// under one supervisor: restarts, one readiness, one SIGTERM.
+    All(Box<sieve::all::AllArgs>),
     /// Drop retries by idempotency key inside a TTL window, exactly once.
     Dedup {
         #[command(flatten)]
@@ -355,6 +358,7 @@ fn main() -> ExitCode {
         Command::Ingest {
             command: IngestCmd::Serve(args),
         } => args.log_format,
+        Command::All(args) => args.log_format,
         Command::Ctl { .. } | Command::Antijoin { .. } | Command::Ingest { .. } => LogFormat::Text,
     };
     sieve_core::telemetry::init_logs(format);
@@ -369,6 +373,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::All(args) => sieve::all::run(*args),
         Command::Dedup {
             dedup,
             kafka,
