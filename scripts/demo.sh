@@ -62,7 +62,7 @@ pid_of() { curl -s "http://$ALL/services" | grep -o "\"service\":\"$1\",\"pid\":
 start_all() { # start_all [FLAGS…]: every service (or --services …) under one supervisor
   SIEVE_INGEST_API_KEYS="demo-key-0001@demo:*" RUST_LOG=warn "$SIEVE" all --brokers "$BROKERS" \
     --topics deploy/topics.toml --state-dir "$WORK/state" --metrics-addr "$ALL" \
-    --ingest-listen "$INGEST" -X session.timeout.ms=6000 "$@" >/dev/null 2>>"$WORK/all.log" &
+    --ingest-listen "$INGEST" --restart-unassigned-after 30s "$@" >/dev/null 2>>"$WORK/all.log" &
   ALL_PID=$!
   until curl -sf "http://$ALL/readyz" >/dev/null 2>&1; do
     kill -0 "$ALL_PID" 2>/dev/null || { tail -20 "$WORK/all.log" >&2; exit 1; }

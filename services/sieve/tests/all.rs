@@ -66,6 +66,10 @@ impl All {
             &base.to_string(),
             "--ingest-listen",
             &ingest,
+            // The local broker can leave a member that joined right after a SIGKILL with no
+            // partitions for good (see `Service::restart_if_unassigned`).
+            "--restart-unassigned-after",
+            "40s",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -234,9 +238,7 @@ fn every_service_runs_under_one_supervisor_and_survives_a_crash() -> Result<()> 
         all.post_events(chunk)?;
     }
 
-    let mut stalled_since: Option<Instant> = None;
     wait_for("every unique event out", Duration::from_secs(240), || {
-        restart_if_stalled(&all, &mut stalled_since);
         let out = b.count("events.unique").ok()?;
         let dlq = b.count("dlq.dedup").ok()?;
         (out == new && dlq == conflicts).then_some(())
@@ -329,38 +331,6 @@ fn a_service_that_cannot_start_stops_the_supervisor_with_its_reason() -> Result<
         "the reason is named:\n{logs}"
     );
     Ok(())
-}
-
-/// Local-broker workaround (see `Service::restart_if_unassigned`): a member that joined right
-/// after another was SIGKILLed may sit ready with no partitions; SIGKILL it again, as a
-/// liveness probe would, and the supervisor restarts it.
-fn restart_if_stalled(all: &All, since: &mut Option<Instant>) {
-    let Some(s) = all.service("dedup") else {
-        return;
-    };
-    let (Some(pid), Some(addr)) = (s["pid"].as_i64(), s["health_addr"].as_str()) else {
-        return;
-    };
-    let body = sieve_tests::http_get(&format!("http://{addr}/metrics")).map(|(_, b)| b);
-    let metric = |n: &str| {
-        body.as_deref()
-            .and_then(|b| sieve_tests::metric_value(b, n, &[]))
-    };
-    if metric("sieve_ready") != Some(1.0) || metric("sieve_assigned_partitions") != Some(0.0) {
-        *since = None;
-        return;
-    }
-    let first = *since.get_or_insert_with(Instant::now);
-    if first.elapsed() > Duration::from_secs(40) {
-        eprintln!(
-            "test: dedup ready with no partitions for 40 s: SIGKILL (local broker group stall)"
-        );
-        // SAFETY: SIGKILL to the supervisor's child.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGKILL);
-        }
-        *since = None;
-    }
 }
 
 fn now() -> String {
