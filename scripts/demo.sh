@@ -145,6 +145,7 @@ until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status=
 fanout_ms=$(ms_since "$started")
 counts=$(curl -s "http://$M_DELIVER/v1/notifications/post-1")
 restarts=$(metric "$ALL" sieve_all_restarts_total)
+dedup_restarts=$(metric "$ALL" sieve_all_restarts_total 'service="dedup"')
 
 # 4. Replay ---------------------------------------------------------------------------------
 echo "demo: stopping sieve all (SIGTERM: every service commits and stops)"
@@ -162,7 +163,8 @@ secs() { echo "$(($1 / 1000)).$(( ($1 % 1000) / 100 ))"; }
 cat <<SUMMARY
 
   1. sieve ingest + sieve dedup — $raw events in $(secs "$dedup_ms") s, one SIGKILL in the middle
-     sieve all:           restarted the killed service ($restarts restart)
+     sieve all:           restarted the killed dedup ($dedup_restarts restarts of dedup, $restarts of every
+                          service; a restart without a kill is --restart-unassigned-after at work)
      over HTTP:           3 accepted, the same 3 retried, 1 refused with 400
      generated:           $expected
      events.unique:       $unique records, $distinct distinct keys (each key exactly once)
