@@ -8,7 +8,7 @@ use sieve::ctl;
 use sieve::dlq;
 use sieve::gen::{self, EventSpec, UsersSpec};
 use sieve::replay::{self, Target};
-use sieve_core::config::{KafkaArgs, LogFormat, ServiceArgs};
+use sieve_core::config::{KafkaArgs, KafkaProperty, LogFormat, ServiceArgs};
 use sieve_dedup::DedupArgs;
 
 #[derive(Debug, Parser)]
@@ -313,6 +313,9 @@ enum GenCmd {
         /// Print only how many events are new, retries and conflicts.
         #[arg(long)]
         summary: bool,
+        /// Another header on every produced record, `name=value` (repeatable).
+        #[arg(long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<KafkaProperty>,
         #[command(flatten)]
         kafka: KafkaArgs,
     },
@@ -489,6 +492,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         seed,
                         topic,
                         summary,
+                        headers,
                         kafka,
                     },
             } => {
@@ -501,7 +505,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 };
                 match (topic, summary) {
                     (_, true) => ctl::summarise_events(spec),
-                    (Some(t), false) => ctl::produce_events(kafka, &t, spec),
+                    (Some(t), false) => ctl::produce_events(kafka, &t, spec, &headers),
                     (None, false) => ctl::print_events(spec),
                 }
             }
