@@ -657,6 +657,17 @@ impl<F: OperatorFactory> Engine<F> {
             }
         }
         failpoint::hit("after_outputs_acked");
+        // Every output of the next batch lands after every output acked now, whichever
+        // partition wrote it: a scan floor for all touched partitions, so output partitions a
+        // partition never writes to (with key-preserving partitioning, most of them) do not
+        // keep the floor of its first open and make its recovery scan read their whole history.
+        let mut floors: BTreeMap<String, i64> = BTreeMap::new();
+        for tp in touched {
+            for (k, off) in self.partitions.get(tp).into_iter().flat_map(|p| &p.acked) {
+                let f = floors.entry(k.clone()).or_insert(-1);
+                *f = (*f).max(off + 1);
+            }
+        }
         let mut commits = TopicPartitionList::new();
         let exactly_once = self.exactly_once();
         for tp in touched {
@@ -669,10 +680,11 @@ impl<F: OperatorFactory> Engine<F> {
                 part.already_written.clear();
             }
             flush_operator(part, false)?;
-            let acked = std::mem::take(&mut part.acked);
+            part.acked.clear();
             if part.already_written.is_empty() {
-                for (k, off) in acked {
-                    part.meta.out_pos.insert(k, off + 1);
+                for (k, floor) in &floors {
+                    let pos = part.meta.out_pos.entry(k.clone()).or_insert(*floor);
+                    *pos = (*pos).max(*floor);
                 }
             }
             part.store.commit(&part.changes, &part.meta)?;
