@@ -13,12 +13,14 @@ use super::workload::{Topics, API_KEY};
 use super::{Config, Faults};
 use crate::{free_port, http_get, service_args_at, wait_for, Broker, Service};
 
+/// A service's full arguments for a given state directory.
+type ArgsFor = Box<dyn Fn(&Path) -> Vec<String>>;
+
 /// One service of the pipeline: how to start it, its state directory, the running process
 /// and, for a while, a second instance in the same group.
 struct Slot {
     name: &'static str,
-    /// Full arguments for a given state directory.
-    args: Box<dyn Fn(&Path) -> Vec<String>>,
+    args: ArgsFor,
     /// `None` for ingest, which has no state and no group.
     state: Option<PathBuf>,
     svc: Service,
@@ -31,7 +33,6 @@ pub struct Fleet {
     bin: PathBuf,
     logs: PathBuf,
     ingest_port: u16,
-    step: usize,
 }
 
 /// A member restarts by itself when the local broker leaves it ready without partitions
@@ -45,8 +46,10 @@ impl Fleet {
         let ingest_port = free_port();
         let ingest = ingest_args(cfg, broker, t, dir, ingest_port)?;
         let brokers = broker.addr();
-        let mut specs: Vec<(&'static str, Box<dyn Fn(&Path) -> Vec<String>>)> =
-            vec![("ingest", Box::new(move |_: &Path| ingest.clone()))];
+        let mut specs: Vec<(&'static str, ArgsFor)> = vec![(
+            "ingest",
+            Box::new(move |_: &Path| ingest.clone()) as ArgsFor,
+        )];
         let ns = t.ns.clone();
         let group_args = move |role: &str, state: &Path| -> Vec<String> {
             service_args_at(&brokers, &format!("{ns}-{role}"), state)
@@ -59,7 +62,7 @@ impl Fleet {
                 let mut a = strings(&["dedup", "--input", &raw, "--output", &uniq, "--dlq", &ddlq]);
                 a.extend(g("dedup", s));
                 a
-            }),
+            }) as ArgsFor,
         ));
         let aj = strings(&[
             "antijoin",
@@ -82,7 +85,7 @@ impl Fleet {
                 let mut a = aj.clone();
                 a.extend(g("antijoin", s));
                 a
-            }),
+            }) as ArgsFor,
         ));
         for role in ["planner", "deliver"] {
             let mut a = strings(&["notify", role]);
@@ -115,7 +118,7 @@ impl Fleet {
                     let mut all = a.clone();
                     all.extend(g(role, s));
                     all
-                }),
+                }) as ArgsFor,
             ));
         }
         let mut slots = Vec::new();
@@ -140,7 +143,6 @@ impl Fleet {
             bin: cfg.sieve_bin.clone(),
             logs,
             ingest_port,
-            step: 0,
         };
         let health = format!("http://127.0.0.1:{ingest_port}/healthz");
         wait_for("ingest to listen", Duration::from_secs(60), || {
@@ -181,7 +183,6 @@ impl Fleet {
         wipe: bool,
         faults: &mut Faults,
     ) -> Result<()> {
-        self.step += 1;
         let slot = self
             .slots
             .choose_mut(rng)
@@ -210,8 +211,13 @@ impl Fleet {
     }
 
     /// Starts a second instance of a random group member, with its own state directory, to
-    /// force a rebalance while it runs.
-    pub fn second_instance(&mut self, rng: &mut Pcg64Mcg, faults: &mut Faults) -> Result<()> {
+    /// force a rebalance while it runs; `step` is the runner's step.
+    pub fn second_instance(
+        &mut self,
+        rng: &mut Pcg64Mcg,
+        faults: &mut Faults,
+        step: usize,
+    ) -> Result<()> {
         let candidates: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].state.is_some() && self.slots[i].second.is_none())
             .collect();
@@ -225,7 +231,7 @@ impl Fleet {
         let dir = state.with_extension("second");
         let svc = Service::spawn(&self.bin, &(slot.args)(&dir), &[], &self.logs)?;
         eprintln!("chaos: second instance of {}", slot.name);
-        slot.second = Some((svc, self.step));
+        slot.second = Some((svc, step));
         faults.rebalances += 1;
         Ok(())
     }

@@ -141,7 +141,7 @@ pub fn run(cfg: &Config) -> Result<Verdict> {
             }
         };
         if second {
-            fleet.second_instance(&mut rng, &mut faults)?;
+            fleet.second_instance(&mut rng, &mut faults, i)?;
         }
         fleet.retire_second_instance(&mut rng, &mut faults, i)?;
         right.step(&broker, &topics, i, steps)?;

@@ -387,7 +387,7 @@ impl NotifyPlan {
     pub fn request(&mut self, broker: &Broker, t: &Topics, rng: &mut Pcg64Mcg) -> Result<()> {
         let n = self.issued;
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let (id, priority, body) = if n % 2 == 0 {
+        let (id, priority, body) = if n.is_multiple_of(2) {
             let id = format!("fan-{n}");
             let author = rng.random_range(0..AUTHORS);
             for i in 0..self.followers {
