@@ -271,6 +271,22 @@ impl Fleet {
         Ok(())
     }
 
+    /// `sieve_errors_total` by kind of every running service (this lifetime), for the log.
+    pub fn error_counts(&self) -> String {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let (_, body) = s.svc.get("/metrics")?;
+                let kinds: Vec<&str> = body
+                    .lines()
+                    .filter(|l| l.starts_with("sieve_errors_total{"))
+                    .collect();
+                (!kinds.is_empty()).then(|| format!("{}: {}", s.name, kinds.join(", ")))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The last lines of every service's log, for a failed run.
     pub fn log_tails(&self, lines: usize) -> String {
         self.slots

@@ -174,6 +174,7 @@ pub fn run(cfg: &Config) -> Result<Verdict> {
         cfg.drain_timeout,
     )?;
     let verdict = verdict.with_faults(cfg.seed, &faults);
+    eprintln!("chaos: errors by kind\n{}", fleet.error_counts());
     if !verdict.passed() {
         eprintln!("{}", fleet.log_tails(15));
     }

@@ -160,14 +160,28 @@ struct Dedup {
     dlq: usize,
 }
 
-/// Source (partition, offset) in the input of an output record.
-fn source(m: &OwnedMessage) -> Option<(i32, i64)> {
-    OutputId::of(m).map(|id| (id.partition, id.offset))
+/// An output or DLQ record of dedup as the reconciliation sees it.
+#[derive(Debug, Clone)]
+struct OutRec {
+    partition: i32,
+    offset: i64,
+    key: Vec<u8>,
+    /// (partition, offset) of the input record, from its `sieve-id`.
+    source: Option<(i32, i64)>,
 }
 
-/// Ingest and dedup: every accepted event is on the input; every input record is in exactly
-/// one of output / counted duplicate / DLQ; the output holds each event once, the first of
-/// its key, in per-key input order.
+impl OutRec {
+    fn of(m: &OwnedMessage) -> OutRec {
+        OutRec {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().unwrap_or_default().to_vec(),
+            source: OutputId::of(m).map(|id| (id.partition, id.offset)),
+        }
+    }
+}
+
+/// Reads dedup's input, output and DLQ and judges them.
 fn check_dedup(broker: &Broker, t: &Topics, posted: &Posted, d: &mut Vec<String>) -> Result<Dedup> {
     let mut raw: BTreeMap<(i32, i64), Event> = BTreeMap::new();
     for m in broker.read_all(&t.raw)? {
@@ -182,12 +196,25 @@ fn check_dedup(broker: &Broker, t: &Topics, posted: &Posted, d: &mut Vec<String>
             )),
         }
     }
+    let read = |topic: &str| -> Result<Vec<OutRec>> {
+        Ok(broker.read_all(topic)?.iter().map(OutRec::of).collect())
+    };
+    let (unique, dlq) = (read(&t.unique)?, read(&t.dedup_dlq)?);
+    Ok(judge_dedup(&posted.accepted, &raw, &unique, &dlq, d))
+}
+
+/// Ingest and dedup: every accepted event is on the input; every input record is in exactly
+/// one of output / counted duplicate / DLQ; the output holds each event once, from the first
+/// record of its id, in per-key input order.
+fn judge_dedup(
+    accepted: &BTreeSet<Event>,
+    raw: &BTreeMap<(i32, i64), Event>,
+    uniq: &[OutRec],
+    dlq: &[OutRec],
+    d: &mut Vec<String>,
+) -> Dedup {
     let on_input: BTreeSet<&Event> = raw.values().collect();
-    let lost: Vec<&Event> = posted
-        .accepted
-        .iter()
-        .filter(|e| !on_input.contains(e))
-        .collect();
+    let lost: Vec<&Event> = accepted.iter().filter(|e| !on_input.contains(e)).collect();
     if !lost.is_empty() {
         d.push(format!(
             "{} events answered 202 but not on the input topic, e.g. {:?}",
@@ -197,21 +224,19 @@ fn check_dedup(broker: &Broker, t: &Topics, posted: &Posted, d: &mut Vec<String>
     }
     // The first input record of each event id is the one dedup must pass on.
     let mut first: BTreeMap<&str, (i32, i64)> = BTreeMap::new();
-    for (at, e) in &raw {
+    for (at, e) in raw {
         first.entry(e.id.as_str()).or_insert(*at);
     }
 
     let mut outputs: BTreeMap<(i32, i64), &'static str> = BTreeMap::new();
     let mut unique = Vec::new();
-    let mut per_key: BTreeMap<Vec<u8>, (i32, (i32, i64))> = BTreeMap::new();
+    let mut per_key: BTreeMap<&[u8], (i32, (i32, i64))> = BTreeMap::new();
     let mut seen_ids = BTreeSet::new();
-    let uniq = broker.read_all(&t.unique)?;
-    for m in &uniq {
-        let Some(src) = source(m) else {
+    for m in uniq {
+        let Some(src) = m.source else {
             d.push(format!(
                 "output without a sieve-id at {}/{}",
-                m.partition(),
-                m.offset()
+                m.partition, m.offset
             ));
             continue;
         };
@@ -232,20 +257,18 @@ fn check_dedup(broker: &Broker, t: &Topics, posted: &Posted, d: &mut Vec<String>
             ));
         }
         // Per-key order: a key stays on one output partition, its inputs in offset order.
-        let key = m.key().unwrap_or_default().to_vec();
-        if let Some((part, prev)) = per_key.insert(key.clone(), (m.partition(), src)) {
-            if part != m.partition() || prev.0 != src.0 || prev.1 >= src.1 {
+        if let Some((part, prev)) = per_key.insert(&m.key, (m.partition, src)) {
+            if part != m.partition || prev.0 != src.0 || prev.1 >= src.1 {
                 d.push(format!(
                     "key {} out of order: {prev:?} then {src:?}",
-                    String::from_utf8_lossy(&key)
+                    String::from_utf8_lossy(&m.key)
                 ));
             }
         }
         unique.push(e.clone());
     }
-    let dlq_records = broker.read_all(&t.dedup_dlq)?;
-    for m in &dlq_records {
-        match source(m) {
+    for m in dlq {
+        match m.source {
             Some(src) => {
                 if let Some(was) = outputs.insert(src, "dlq") {
                     d.push(format!("input {src:?} in the DLQ and in the {was}"));
@@ -253,7 +276,7 @@ fn check_dedup(broker: &Broker, t: &Topics, posted: &Posted, d: &mut Vec<String>
             }
             None => d.push(format!(
                 "DLQ record without a sieve-id at offset {}",
-                m.offset()
+                m.offset
             )),
         }
     }
@@ -268,31 +291,30 @@ fn check_dedup(broker: &Broker, t: &Topics, posted: &Posted, d: &mut Vec<String>
     // A record not passed on is a duplicate (same content as the first) or a conflict
     // (other content), and conflicts go to the DLQ.
     let mut duplicates = 0;
-    for (at, e) in &raw {
+    for (at, e) in raw {
         let kept = first.get(e.id.as_str()).and_then(|f| raw.get(f));
         let conflict = kept.is_some_and(|k| k != e);
         match (outputs.get(at), conflict) {
-            (Some(&"output"), _) => {}
-            (Some(_), true) => {}
+            (Some(&"output"), _) | (Some(_), true) => {}
             (None, false) => duplicates += 1,
             (Some(_), false) => d.push(format!("repeat {at:?} of {} sent to the DLQ", e.id)),
             (None, true) => d.push(format!("conflicting {at:?} of {} not in the DLQ", e.id)),
         }
     }
-    if raw.len() != uniq.len() + duplicates + dlq_records.len() {
+    if raw.len() != uniq.len() + duplicates + dlq.len() {
         d.push(format!(
             "in {} != out {} + duplicates {duplicates} + dlq {}",
             raw.len(),
             uniq.len(),
-            dlq_records.len()
+            dlq.len()
         ));
     }
-    Ok(Dedup {
+    Dedup {
         raw: raw.len(),
         unique,
         duplicates,
-        dlq: dlq_records.len(),
-    })
+        dlq: dlq.len(),
+    }
 }
 
 /// The anti-join's output, read to the end as a compacted view, is exactly the users with
@@ -379,4 +401,101 @@ fn check_notify(
         }
     }
     Ok((delivered.len(), expected.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str, amount: u64) -> Event {
+        Event {
+            id: id.into(),
+            user: "u1".into(),
+            amount,
+        }
+    }
+
+    fn out(offset: i64, source: i64) -> OutRec {
+        OutRec {
+            partition: 0,
+            offset,
+            key: b"u1".to_vec(),
+            source: Some((0, source)),
+        }
+    }
+
+    /// Input: e1, e2, a repeat of e1, a conflicting e1. Dedup's answer: e1 and e2 out, the
+    /// repeat counted, the conflict in the DLQ.
+    fn input() -> (BTreeSet<Event>, BTreeMap<(i32, i64), Event>) {
+        let raw: BTreeMap<(i32, i64), Event> =
+            [ev("e1", 100), ev("e2", 5), ev("e1", 100), ev("e1", 101)]
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| ((0, i as i64), e))
+                .collect();
+        (raw.values().cloned().collect(), raw)
+    }
+
+    fn judge(accepted: &BTreeSet<Event>, uniq: &[OutRec], dlq: &[OutRec]) -> (Dedup, Vec<String>) {
+        let (_, raw) = input();
+        let mut d = Vec::new();
+        let dedup = judge_dedup(accepted, &raw, uniq, dlq, &mut d);
+        (dedup, d)
+    }
+
+    #[test]
+    fn the_right_answer_passes_with_its_counts() {
+        let (accepted, _) = input();
+        let (dedup, d) = judge(&accepted, &[out(0, 0), out(1, 1)], &[out(0, 3)]);
+        assert!(d.is_empty(), "{d:?}");
+        assert_eq!(
+            (dedup.raw, dedup.unique.len(), dedup.duplicates, dedup.dlq),
+            (4, 2, 1, 1)
+        );
+    }
+
+    #[test]
+    fn loss_duplicates_order_and_misrouting_are_each_found() {
+        let (accepted, _) = input();
+        let found = |uniq: &[OutRec], dlq: &[OutRec], accepted: &BTreeSet<Event>, what: &str| {
+            let (_, d) = judge(accepted, uniq, dlq);
+            assert!(d.iter().any(|x| x.contains(what)), "{what} not in {d:?}");
+        };
+        let dlq = [out(0, 3)];
+        let mut more = accepted.clone();
+        more.insert(ev("e9", 1));
+        found(
+            &[out(0, 0), out(1, 1)],
+            &dlq,
+            &more,
+            "answered 202 but not on the input",
+        );
+        found(
+            &[out(0, 0), out(1, 1), out(2, 0)],
+            &dlq,
+            &accepted,
+            "written twice",
+        );
+        found(
+            &[out(0, 0), out(1, 1), out(2, 2)],
+            &dlq,
+            &accepted,
+            "twice in the output",
+        );
+        found(&[out(0, 1), out(1, 0)], &dlq, &accepted, "out of order");
+        found(&[out(0, 0)], &dlq, &accepted, "never reached the output");
+        found(&[out(0, 0), out(1, 1)], &[], &accepted, "not in the DLQ");
+        found(
+            &[out(0, 0), out(1, 1)],
+            &[out(0, 3), out(1, 2)],
+            &accepted,
+            "repeat",
+        );
+        found(
+            &[out(0, 0), out(1, 1)],
+            &[out(0, 3), out(1, 1)],
+            &accepted,
+            "in the DLQ and in the output",
+        );
+    }
 }
