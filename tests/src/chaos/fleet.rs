@@ -2,7 +2,7 @@
 //! restart, a deleted state directory, a second instance of a consumer-group member.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rand::seq::{IndexedMutRandom, IndexedRandom};
@@ -171,6 +171,15 @@ impl Fleet {
             if slot.state.is_some() && slot.svc.restart_if_unassigned(STALL)? {
                 faults.harness_restarts += 1;
             }
+        }
+        Ok(())
+    }
+
+    /// Watches the services (see `watch`) until `until`.
+    pub fn watch_until(&mut self, until: Instant, faults: &mut Faults) -> Result<()> {
+        while Instant::now() < until {
+            self.watch(faults)?;
+            std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
     }

@@ -122,10 +122,7 @@ pub fn run(cfg: &Config) -> Result<Verdict> {
         // clamped so the run stays inside its duration.
         let due = (step * i as u32 + step.mul_f64(rng.random_range(0.3..1.7)))
             .min(cfg.duration.saturating_sub(Duration::from_millis(500)));
-        while start.elapsed() < due {
-            fleet.watch(&mut faults)?;
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        fleet.watch_until(start + due, &mut faults)?;
         let second = match action {
             Action::BrokerKill => {
                 broker.kill();
@@ -149,6 +146,8 @@ pub fn run(cfg: &Config) -> Result<Verdict> {
             notify.request(&broker, &topics, &mut rng)?;
         }
     }
+    // The workload runs for the whole duration, faults or not.
+    fleet.watch_until(start + cfg.duration, &mut faults)?;
     stop.store(true, Ordering::SeqCst);
     let posted = driver.finish()?;
     fleet.retire_all_second_instances(&mut faults)?;
