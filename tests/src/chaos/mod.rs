@@ -200,3 +200,22 @@ fn schedule(rng: &mut Pcg64Mcg, kills: u32, broker_kills: u32) -> Vec<Action> {
     }
     plan
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_holds_every_fault_and_starts_and_ends_with_a_service_kill() {
+        for seed in 0..50 {
+            let plan = schedule(&mut Pcg64Mcg::seed_from_u64(seed), 20, 3);
+            let broker = plan
+                .iter()
+                .filter(|a| matches!(a, Action::BrokerKill))
+                .count();
+            assert_eq!((plan.len(), broker), (23, 3));
+            assert!(matches!(plan[0], Action::Kill { .. }));
+            assert!(matches!(plan[22], Action::Kill { .. }));
+        }
+    }
+}

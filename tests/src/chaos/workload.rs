@@ -434,3 +434,27 @@ impl NotifyPlan {
         self.expected.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_reads_back_as_posted() {
+        let e = Event {
+            id: "e7".into(),
+            user: "u3".into(),
+            amount: 42,
+        };
+        assert_eq!(Event::parse(e.json().as_bytes()), Some(e));
+        assert_eq!(Event::parse(br#"{"event_id":"e1"}"#), None);
+    }
+
+    #[test]
+    fn the_right_side_ends_as_initial_plus_added_minus_deleted() {
+        let keys = RightPlan::new(&mut Pcg64Mcg::seed_from_u64(1)).final_keys();
+        // u3: initial; u10: added; u0 and u21: initial then deleted; u1: never.
+        assert!(keys.contains("u3") && keys.contains("u10"));
+        assert!(!keys.contains("u0") && !keys.contains("u21") && !keys.contains("u1"));
+    }
+}
