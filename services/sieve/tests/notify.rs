@@ -644,6 +644,17 @@ fn gateway_reports_count_once_and_failures_reach_the_dlq() -> Result<()> {
     all.push("u6");
     s.request(1, direct("n-fb", 1, &all, &["push"]))?;
     wait_counts(&s, "n-fb", "sent", 6, &mut [&mut planner, &mut deliverer])?;
+    // Malformed requests and tasks go to the same DLQ as failed deliveries.
+    let mut bad_priority = direct("bad-p", 1, &["u0"], &["push"]);
+    bad_priority["priority"] = 7.into();
+    s.broker.produce(
+        &s.t("requests.p1"),
+        [
+            ("x".to_string(), "{not json".to_string()),
+            ("bad-p".to_string(), bad_priority.to_string()),
+        ],
+    )?;
+    s.broker.produce(&s.t("tasks.p1"), [("x", "{not json")])?;
     let none = || json!({});
     // In order; skipping stages; out of order; a late `delivered` after a final `failed`.
     let reports = [
@@ -685,6 +696,8 @@ fn gateway_reports_count_once_and_failures_reach_the_dlq() -> Result<()> {
     );
     let mut fb = s.spawn("feedback", &[], &[])?;
     wait_consumed(&s, "feedback", "feedback", &mut fb)?;
+    wait_consumed(&s, "planner", "requests.p1", &mut planner)?;
+    wait_consumed(&s, "deliver", "tasks.p1", &mut deliverer)?;
     let expected: BTreeMap<&str, u64> = [
         ("planned", 7),
         ("sent", 6),
@@ -739,15 +752,18 @@ fn gateway_reports_count_once_and_failures_reach_the_dlq() -> Result<()> {
         Ok(v)
     };
     let dlq = dead_letters()?;
-    let f = |r: &str| ("notify-feedback".to_string(), r.to_string());
+    let f = |stage: &str, r: &str| (format!("notify-{stage}"), r.to_string());
     assert_eq!(
         dlq,
         [
-            f("bad_report"),
-            f("bad_report"),
-            f("bad_report"),
-            f("quota_exceeded"),
-            f("unreachable")
+            f("deliverer", "bad_task"),
+            f("feedback", "bad_report"),
+            f("feedback", "bad_report"),
+            f("feedback", "bad_report"),
+            f("feedback", "quota_exceeded"),
+            f("feedback", "unreachable"),
+            f("planner", "bad_request"),
+            f("planner", "bad_request"),
         ]
     );
 
