@@ -4,7 +4,9 @@
 //! strict priority between `p0` … `p3` (docs/notify.md).
 
 pub mod config;
+pub mod counts;
 pub mod deliverer;
+pub mod feedback;
 pub mod metrics;
 pub mod model;
 pub mod planner;
@@ -15,10 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::Path;
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use sieve_core::config::{KafkaArgs, ServiceArgs};
@@ -29,8 +28,10 @@ use sieve_core::store::PartitionStore;
 use sieve_core::Result;
 
 use config::by_priority;
-pub use config::{DelivererArgs, PlannerArgs};
-use deliverer::{CountsBoard, Deliverer, CONTROL_PREFIX, PREFS_PREFIX};
+pub use config::{DelivererArgs, FeedbackArgs, PlannerArgs};
+use counts::CountsBoard;
+use deliverer::{pair_key, Deliverer, CONTROL_PREFIX, INVALID_TOKEN_PREFIX, PREFS_PREFIX};
+use feedback::Feedback;
 use planner::Planner;
 
 fn priorities(topics: &[String], guard: Duration) -> Option<(BTreeMap<String, u8>, Duration)> {
@@ -126,15 +127,23 @@ pub struct DelivererFactory {
 impl DelivererFactory {
     pub fn open(cfg: DelivererArgs, service: &ServiceArgs) -> Result<Self> {
         metrics::describe();
-        let prefs_topic = cfg.prefs.clone();
+        let (prefs_topic, tokens_topic) = (cfg.prefs.clone(), cfg.invalid_tokens.clone());
         let users = KvTable::open(
             &side_path(service, "users"),
-            vec![cfg.prefs.clone(), cfg.control.clone()],
+            vec![
+                cfg.prefs.clone(),
+                cfg.control.clone(),
+                cfg.invalid_tokens.clone(),
+            ],
             SideMode::Broadcast,
             Box::new(move |rec| {
                 let Some(key) = rec.key() else {
                     return Vec::new();
                 };
+                let value = rec.payload().map(<[u8]>::to_vec);
+                if rec.topic() == tokens_topic {
+                    return invalid_token_write(key, value);
+                }
                 let prefix = if rec.topic() == prefs_topic {
                     PREFS_PREFIX
                 } else {
@@ -142,7 +151,7 @@ impl DelivererFactory {
                 };
                 let mut k = prefix.as_bytes().to_vec();
                 k.extend_from_slice(key);
-                vec![(k, rec.payload().map(<[u8]>::to_vec))]
+                vec![(k, value)]
             }),
         )?;
         Ok(DelivererFactory {
@@ -151,25 +160,17 @@ impl DelivererFactory {
             board: CountsBoard::default(),
         })
     }
+}
 
-    /// `GET /v1/notifications/{id}`: counts by status over this instance's partitions.
-    fn routes(&self) -> Router {
-        let board = self.board.clone();
-        Router::new().route(
-            "/v1/notifications/{id}",
-            get(move |Path(id): Path<String>| {
-                let board = board.clone();
-                async move {
-                    match board.get(&id) {
-                        Some(c) => Ok(Json(serde_json::json!({"notification_id": id, "counts": c}))),
-                        None => Err((
-                            StatusCode::NOT_FOUND,
-                            Json(serde_json::json!({"error": "unknown notification", "notification_id": id})),
-                        )),
-                    }
-                }
-            }),
-        )
+/// `users.invalid_tokens` key `<user>/<token>` (tokens have no `/`, user ids may) as the
+/// deliverer's `t/<user>\0<token>`; a tombstone lifts the invalidation.
+fn invalid_token_write(key: &[u8], value: Option<Vec<u8>>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let key = String::from_utf8_lossy(key);
+    match key.rsplit_once('/') {
+        Some((user, token)) if !token.is_empty() => {
+            vec![(pair_key(INVALID_TOKEN_PREFIX, &[user, token]), value)]
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -231,11 +232,52 @@ pub fn run_deliverer(kafka: &KafkaArgs, service: &ServiceArgs, args: DelivererAr
         std::thread::spawn(move || tick(&clients, &topic, every, &stop))
     };
     let factory = DelivererFactory::open(args, &service)?;
-    let routes = factory.routes();
+    let routes = factory.board.routes();
     let result = sieve_core::service::run_processor(factory, kafka, &service, routes);
     stop.store(true, Ordering::SeqCst);
     let _ = ticker.join();
     result
+}
+
+pub struct FeedbackFactory {
+    cfg: Arc<FeedbackArgs>,
+    board: CountsBoard,
+}
+
+impl OperatorFactory for FeedbackFactory {
+    type Op = Feedback;
+
+    fn inputs(&self) -> Vec<String> {
+        vec![self.cfg.feedback.clone()]
+    }
+
+    fn outputs(&self) -> Vec<String> {
+        vec![
+            self.cfg.status.clone(),
+            self.cfg.invalid_tokens.clone(),
+            self.cfg.dlq.clone(),
+        ]
+    }
+
+    fn open(&self, _topic: &str, partition: i32, store: &PartitionStore) -> Result<Feedback> {
+        self.board.load(partition, store)?;
+        Ok(Feedback::new(
+            self.cfg.clone(),
+            partition,
+            self.board.clone(),
+        ))
+    }
+}
+
+/// Runs the gateway feedback processor until SIGTERM/SIGINT.
+pub fn run_feedback(kafka: &KafkaArgs, service: &ServiceArgs, args: FeedbackArgs) -> Result<()> {
+    metrics::describe();
+    let factory = FeedbackFactory {
+        cfg: Arc::new(args),
+        board: CountsBoard::default(),
+    };
+    let routes = factory.board.routes();
+    sieve_core::service::run_processor(factory, kafka, service, routes)
 }
 
 /// Writes `{"tick":true}` to every partition of `topic` every `every` until `stop`.

@@ -102,6 +102,16 @@ enum NotifyCmd {
         #[command(flatten)]
         service: ServiceArgs,
     },
+    /// Gateway reports (delivered, opened, clicked, failed, invalid token) into counts, dead
+    /// letters and token invalidations.
+    Feedback {
+        #[command(flatten)]
+        feedback: sieve_notify::FeedbackArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -356,7 +366,10 @@ fn main() -> ExitCode {
             command: AntijoinCmd::Stream { service, .. },
         }
         | Command::Notify {
-            command: NotifyCmd::Planner { service, .. } | NotifyCmd::Deliver { service, .. },
+            command:
+                NotifyCmd::Planner { service, .. }
+                | NotifyCmd::Deliver { service, .. }
+                | NotifyCmd::Feedback { service, .. },
         } => service.log_format,
         Command::Ingest {
             command: IngestCmd::Serve(args),
@@ -417,6 +430,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     kafka,
                     service,
                 } => sieve_notify::run_deliverer(&kafka, &service, deliver)?,
+                NotifyCmd::Feedback {
+                    feedback,
+                    kafka,
+                    service,
+                } => sieve_notify::run_feedback(&kafka, &service, feedback)?,
             }
             Ok(ExitCode::SUCCESS)
         }
