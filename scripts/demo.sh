@@ -84,7 +84,7 @@ echo "demo: celebrity with $FOLLOWERS followers; alice has the app and a device 
 "$SIEVE" ctl gen follows --author celebrity --followers "$FOLLOWERS" | produce graph.follows /key
 echo "{\"user_id\":\"alice\",\"last_active\":\"$(now)\",\"device_tokens\":[\"tok-alice\"]}" |
   produce users.prefs /user_id
-echo "demo: starting sieve all (ingest, dedup, antijoin, notify planner and deliverer)"
+echo "demo: starting sieve all (ingest, dedup, antijoin, notify planner, deliverer and feedback)"
 started=$(date +%s%N)
 start_all
 echo "demo: every service ready in $(( $(ms_since "$started") / 1000 )) s; status at http://$ALL/services"
@@ -185,7 +185,8 @@ cat <<SUMMARY
      events.unique:       $replayed more records, the first run wrote $unique (a replay gives the same output)
 
   Metrics (while sieve all runs): http://$ALL/metrics (supervisor), :19461 dedup, :19462 antijoin,
-  :19463 planner, :19464 deliverer, http://$INGEST/metrics ingest; status: http://$ALL/services
+  :19463 planner, :19464 deliverer, :19465 gateway feedback, http://$INGEST/metrics ingest;
+  status: http://$ALL/services
 SUMMARY
 [ "$missing_keys" = "$file_keys" ] || { echo "demo: stream and file anti-join disagree" >&2; exit 1; }
 [ "$replayed" = "$unique" ] || { echo "demo: the replay did not reproduce the first run" >&2; exit 1; }

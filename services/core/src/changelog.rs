@@ -118,6 +118,11 @@ pub fn read_range(
             Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) => {
                 continue
             }
+            // The broker restarting or unreachable for a while: librdkafka reconnects by
+            // itself, and the idle timeout still bounds the wait.
+            Some(Err(e)) if crate::kafka::is_transient(&e) => {
+                tracing::debug!(error = %e, topic, partition, "read: waiting for the broker");
+            }
             Some(Err(e)) => break Err(CoreError::kafka(format!("read {topic}/{partition}"), e)),
             None if last_progress.elapsed() > idle_timeout => {
                 break Err(CoreError::kafka(

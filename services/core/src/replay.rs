@@ -128,12 +128,10 @@ impl Replay {
         let Some(req) = self.pending(io, &meta.replays)? else {
             return Ok((store, None));
         };
-        let (low, high) = io
-            .reader
-            .fetch_watermarks(io.topic, io.partition, TIMEOUT)
-            .map_err(|e| {
-                CoreError::kafka(format!("watermarks of {}/{}", io.topic, io.partition), e)
-            })?;
+        let (low, high) = crate::kafka::retry_transient("replay watermarks", || {
+            io.reader.fetch_watermarks(io.topic, io.partition, TIMEOUT)
+        })
+        .map_err(|e| CoreError::kafka(format!("watermarks of {}/{}", io.topic, io.partition), e))?;
         // Retention may have moved the start since the request was made.
         let start = req.offset.clamp(low, high);
         tracing::info!(

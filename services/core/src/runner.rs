@@ -36,7 +36,7 @@ use crate::changelog;
 use crate::config::{Guarantee, ServiceArgs};
 use crate::error::{CoreError, Result};
 use crate::failpoint;
-use crate::kafka::Clients;
+use crate::kafka::{retry_transient, Clients};
 use crate::priority::Scheduler;
 use crate::record::{Output, OutputId, ID_HEADER};
 use crate::replay::{self, Replay};
@@ -333,10 +333,11 @@ impl<F: OperatorFactory> Engine<F> {
         let started = Instant::now();
         let path = self.store_path(topic, partition);
         let cl_topic = changelog::topic_name(&self.group, topic);
-        let (_, cl_end) = self
-            .reader
-            .fetch_watermarks(&cl_topic, partition, Duration::from_secs(10))
-            .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{partition}"), e))?;
+        let (_, cl_end) = retry_transient("changelog watermarks", || {
+            self.reader
+                .fetch_watermarks(&cl_topic, partition, Duration::from_secs(10))
+        })
+        .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{partition}"), e))?;
         let mut store = PartitionStore::open(&path)?;
         let local = store.meta()?;
         // The local store is a cache: rebuild it when it is missing or another instance
@@ -417,10 +418,10 @@ impl<F: OperatorFactory> Engine<F> {
         }
         let mut ends = BTreeMap::new();
         for (t, p) in &self.output_tps {
-            let (low, high) = self
-                .reader
-                .fetch_watermarks(t, *p, Duration::from_secs(10))
-                .map_err(|e| CoreError::kafka(format!("watermarks of {t}/{p}"), e))?;
+            let (low, high) = retry_transient("output watermarks", || {
+                self.reader.fetch_watermarks(t, *p, Duration::from_secs(10))
+            })
+            .map_err(|e| CoreError::kafka(format!("watermarks of {t}/{p}"), e))?;
             ends.insert(tp_key(t, *p), (t.clone(), *p, low, high));
         }
         let dirty: Vec<&Tp> = opened

@@ -44,15 +44,17 @@ pub enum Svc {
     Antijoin,
     Planner,
     Deliver,
+    Feedback,
 }
 
 impl Svc {
-    const ALL: [Svc; 5] = [
+    const ALL: [Svc; 6] = [
         Svc::Ingest,
         Svc::Dedup,
         Svc::Antijoin,
         Svc::Planner,
         Svc::Deliver,
+        Svc::Feedback,
     ];
 
     fn name(self) -> &'static str {
@@ -62,6 +64,7 @@ impl Svc {
             Svc::Antijoin => "antijoin",
             Svc::Planner => "planner",
             Svc::Deliver => "deliver",
+            Svc::Feedback => "feedback",
         }
     }
 
@@ -72,6 +75,7 @@ impl Svc {
             Svc::Antijoin => &["antijoin", "stream"],
             Svc::Planner => &["notify", "planner"],
             Svc::Deliver => &["notify", "deliver"],
+            Svc::Feedback => &["notify", "feedback"],
         }
     }
 
@@ -89,20 +93,20 @@ pub struct AllArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ingest,dedup,antijoin,planner,deliver"
+        default_value = "ingest,dedup,antijoin,planner,deliver,feedback"
     )]
     pub services: Vec<Svc>,
     /// Base directory of the services' state; each gets `<dir>/<service>`.
     #[arg(long, env = "SIEVE_STATE_DIR", default_value = "./state")]
     pub state_dir: PathBuf,
-    /// Consumer groups are `<prefix>-<service>` (dedup, antijoin, planner, deliver).
+    /// Consumer groups are `<prefix>-<service>` (dedup, antijoin, planner, deliver, feedback).
     #[arg(long, env = "SIEVE_ALL_GROUP_PREFIX", default_value = "sieve")]
     pub group_prefix: String,
     /// The supervisor's /metrics, /healthz, /readyz (every service ready) and /services.
     #[arg(long, env = "SIEVE_METRICS_ADDR", default_value = "127.0.0.1:9460")]
     pub metrics_addr: SocketAddr,
-    /// First metrics port of the services (dedup +1, antijoin +2, planner +3, deliver +4);
-    /// default: the supervisor's port + 1.
+    /// First metrics port of the services (dedup +0, antijoin +1, planner +2, deliver +3,
+    /// feedback +4); default: the supervisor's port + 1.
     #[arg(long, env = "SIEVE_ALL_SERVICE_PORT_BASE")]
     pub service_port_base: Option<u16>,
     /// Address of ingest's HTTP API (which also serves its /metrics).

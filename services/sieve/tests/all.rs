@@ -50,8 +50,8 @@ impl All {
             &["topics", "apply", "--file", &topics.display().to_string()],
         )?;
         ensure!(code == 0, "topics apply failed: {out}");
-        let base = free_ports(5)?;
-        let ingest = format!("127.0.0.1:{}", base + 4);
+        let base = free_ports(6)?;
+        let ingest = format!("127.0.0.1:{}", base + 5);
         let args: Vec<String> = [
             "all",
             "--brokers",
@@ -197,7 +197,7 @@ fn every_service_runs_under_one_supervisor_and_survives_a_crash() -> Result<()> 
     )?;
     all.wait_ready("every service ready")?;
     let services = all.services().context("GET /services")?;
-    ensure!(services.len() == 5, "five services: {services:?}");
+    ensure!(services.len() == 6, "six services: {services:?}");
 
     // Ingest → dedup, first half.
     let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
