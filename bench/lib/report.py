@@ -91,7 +91,9 @@ class Report:
                  "number of missing records (checked: "
                  + ("yes" if all(r["counts_agree"] for r in doc["runs"]) else "NO") + ").", "")
         if doc.get("skipped"):
-            self.add(f"Skipped (pip could not install): {', '.join(doc['skipped'])}.", "")
+            self.add(f"Skipped: {', '.join(doc['skipped'])}.", "")
+        for f in doc.get("failed", []):
+            self.add(f"Failed, left out: `{f}`", "")
         for run in doc["runs"]:
             duck = next((t for t in run["tools"] if t["tool"].startswith("DuckDB")), None)
             self.add(f"{fmt(run['legacy_records'])} legacy records ({fmt(run['legacy_mib'])} MiB "
