@@ -50,7 +50,14 @@ struct Args {
 }
 
 /// Every stage. The naive dedup runs last: the memory its set held stays in the process.
-const STAGES: [&str; 6] = ["raw", "core-eo", "core-alo", "dedup", "antijoin", "naive-dedup"];
+const STAGES: [&str; 6] = [
+    "raw",
+    "core-eo",
+    "core-alo",
+    "dedup",
+    "antijoin",
+    "naive-dedup",
+];
 
 #[derive(serde::Serialize)]
 struct StageResult {
@@ -408,7 +415,9 @@ fn main() -> Result<()> {
         args.partitions,
         args.engine,
     );
-    println!("| run | input records/s | ratio to raw | peak RSS (MiB) |\n| --- | ---: | ---: | ---: |");
+    println!(
+        "| run | input records/s | ratio to raw | peak RSS (MiB) |\n| --- | ---: | ---: | ---: |"
+    );
     for r in &rows {
         println!(
             "| {} | {:.0} | {:.2} | {:.0} |",
