@@ -119,7 +119,7 @@ def markdown_rows(text):
 
 def number(text):
     """The first number in text (a table cell such as '12 345' or '3.2ms'), or None."""
-    m = re.search(r"-?\d[\d ]*(?:\.\d+)?", text or "")
+    m = re.search(r"-?(?:\d[\d ]*(?:\.\d+)?|\.\d+)", text or "")  # bc prints .39
     return float(m.group().replace(" ", "")) if m else None
 
 
