@@ -104,6 +104,7 @@ impl Fleet {
                     ("--status", "status"),
                     ("--prefs", "prefs"),
                     ("--control", "control"),
+                    ("--invalid-tokens", "invalid-tokens"),
                     ("--dlq", "dlq"),
                 ]
             };

@@ -66,7 +66,14 @@ impl Topics {
         for c in CHANNELS {
             broker.create_topic(&t.notify(&format!("out.{c}")), 2)?;
         }
-        for name in ["status", "follows", "prefs", "control", "dlq"] {
+        for name in [
+            "status",
+            "follows",
+            "prefs",
+            "control",
+            "invalid-tokens",
+            "dlq",
+        ] {
             broker.create_topic(&t.notify(name), 2)?;
         }
         Ok(t)
