@@ -9,11 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use sieve_tests::chaos::{self, Config};
 
-// Written on a day when the workspace could not be built in time (see docs/chaos.md, Status):
-// enable after its first green run with
-// `scripts/test.sh -p sieve --test chaos --run-ignored all`.
 #[test]
-#[ignore = "not yet run: remove after its first green run"]
 fn pipeline_survives_service_and_broker_kills() -> Result<()> {
     let seed = match std::env::var("SIEVE_CHAOS_SEED") {
         Ok(s) => s.parse()?,
