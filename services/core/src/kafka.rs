@@ -210,7 +210,7 @@ pub fn retry_transient<T>(what: &str, mut f: impl FnMut() -> KafkaResult<T>) -> 
 /// Errors that say the broker is away or busy, not that the request is wrong: worth waiting
 /// out (librdkafka reconnects and retries by itself) rather than failing the service.
 pub fn is_transient(e: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
+    use RDKafkaErrorCode as C;
     matches!(
         e.rdkafka_error_code(),
         Some(
@@ -232,7 +232,6 @@ pub fn is_transient(e: &KafkaError) -> bool {
 #[cfg(test)]
 mod transient_tests {
     use super::*;
-    use rdkafka::types::RDKafkaErrorCode;
 
     #[test]
     fn broker_outages_are_transient_and_bad_requests_are_not() {

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -376,13 +376,7 @@ async fn keep_running(
     }
 }
 
-fn spawn(
-    exe: &PathBuf,
-    args: &AllArgs,
-    svc: Svc,
-    board: &Board,
-    i: usize,
-) -> anyhow::Result<Child> {
+fn spawn(exe: &Path, args: &AllArgs, svc: Svc, board: &Board, i: usize) -> anyhow::Result<Child> {
     let mut child = Command::new(exe)
         .args(args.child_args(svc))
         .stdin(Stdio::null())
