@@ -159,6 +159,30 @@ pub fn last_meta(
     Ok(last)
 }
 
+/// The meta of the changelog partition's last complete group in `[0, end)`. A group ends
+/// with its meta, so the last record is usually it; `hint`, a position at or before that
+/// group when known, bounds the search when a partial group trails.
+pub fn head_meta(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    hint: i64,
+    end: i64,
+) -> Result<Option<PartitionMeta>> {
+    if end <= 0 {
+        return Ok(None);
+    }
+    for from in [end - 1, hint.clamp(0, end - 1), 0] {
+        if let Some(m) = last_meta(reader, topic, partition, from, end)? {
+            return Ok(Some(m));
+        }
+        if from == 0 {
+            break;
+        }
+    }
+    Ok(None)
+}
+
 const IDLE: Duration = Duration::from_secs(30);
 
 fn decode_meta(v: &[u8]) -> Result<PartitionMeta> {

@@ -340,15 +340,21 @@ impl<F: OperatorFactory> Engine<F> {
         .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{partition}"), e))?;
         let mut store = PartitionStore::open(&path)?;
         let local = store.meta()?;
-        // The local store is a cache: rebuild it when it is missing or another instance
-        // advanced the partition since this store was last written.
+        // The local store is a cache: rebuild it when it is missing, when another instance
+        // committed the partition since, or when it is ahead of the changelog (a crash between
+        // its commit and the changelog write).
         let rebuild = match &local {
             None => cl_end > 0,
-            Some(l) if cl_end > l.changelog_pos => {
-                changelog::last_meta(&self.reader, &cl_topic, partition, l.changelog_pos, cl_end)?
-                    .is_some_and(|m| m.next_offset > l.next_offset || replay::missed(&m, l))
+            Some(l) => {
+                let head = changelog::head_meta(
+                    &self.reader,
+                    &cl_topic,
+                    partition,
+                    l.changelog_pos,
+                    cl_end,
+                )?;
+                !l.is_current(head.as_ref())
             }
-            Some(_) => false,
         };
         if rebuild {
             drop(store);
@@ -501,13 +507,14 @@ impl<F: OperatorFactory> Engine<F> {
                 }
             }
             part.meta.clean = false;
-            part.store.commit(&Changes::default(), &part.meta)?;
-            pending.extend(send_changelog_group(
+            pending.extend(commit_logged(
                 &self.producer,
                 &self.group,
                 tp,
+                &mut part.store,
                 &Changes::default(),
-                &part.meta,
+                &mut part.meta,
+                "after_recovery_committed",
             )?);
         }
         settle_changelog(pending)?;
@@ -537,19 +544,22 @@ impl<F: OperatorFactory> Engine<F> {
             // Outputs found by a recovery scan but not re-encountered yet keep the partition
             // dirty, so the next owner scans for them again.
             part.meta.clean = part.already_written.is_empty();
-            part.store.commit(&part.changes, &part.meta)?;
             if self.exactly_once() {
-                let pending = send_changelog_group(
+                let pending = commit_logged(
                     &self.producer,
                     &self.group,
                     tp,
+                    &mut part.store,
                     &part.changes,
-                    &part.meta,
+                    &mut part.meta,
+                    "after_close_committed",
                 )?;
                 if let Some(pos) = settle_changelog(pending)? {
                     part.meta.changelog_pos = pos;
                 }
                 part.store.commit(&Changes::default(), &part.meta)?;
+            } else {
+                part.store.commit(&part.changes, &part.meta)?;
             }
             part.changes.clear();
             part.store.flush()?;
@@ -688,16 +698,18 @@ impl<F: OperatorFactory> Engine<F> {
                     *pos = (*pos).max(*floor);
                 }
             }
-            part.store.commit(&part.changes, &part.meta)?;
-            failpoint::hit("after_state_committed");
             if exactly_once || !part.changes.is_empty() {
-                part.pending_changelog = send_changelog_group(
+                part.pending_changelog = commit_logged(
                     &self.producer,
                     &self.group,
                     tp,
+                    &mut part.store,
                     &part.changes,
-                    &part.meta,
+                    &mut part.meta,
+                    "after_state_committed",
                 )?;
+            } else {
+                part.store.commit(&part.changes, &part.meta)?;
             }
             part.changes.clear();
             if part.meta.next_offset >= 0 {
@@ -897,6 +909,25 @@ fn send_output(
         rec = rec.partition(p);
     }
     enqueue(producer, rec)
+}
+
+/// Commits `changes` and `meta` under a fresh commit id to the local store, then queues the
+/// same as a changelog group. The id lets a later open see whether the group reached the
+/// changelog before a crash (`PartitionMeta::is_current`). `failpoint` names the moment in
+/// between, where a kill leaves the store ahead of the changelog.
+pub(crate) fn commit_logged(
+    producer: &FutureProducer,
+    group: &str,
+    tp: &Tp,
+    store: &mut PartitionStore,
+    changes: &Changes,
+    meta: &mut PartitionMeta,
+    failpoint: &str,
+) -> Result<Vec<DeliveryFuture>> {
+    meta.new_commit();
+    store.commit(changes, meta)?;
+    failpoint::hit(failpoint);
+    send_changelog_group(producer, group, tp, changes, meta)
 }
 
 /// Queues the changelog group of one batch of input partition `tp`: its changes, then its
