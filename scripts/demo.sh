@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The demo, on a fresh local broker:
-#   1. ingest and dedup: a batch POSTed to `sieve ingest serve` twice (a client retry) and a
-#      bad one refused, then 100 000 generated events with 20 % client retries and 1 %
-#      idempotency conflicts; `sieve dedup` killed with SIGKILL mid-run and restarted,
+# The demo, on a fresh local broker, with every service under one `sieve all`:
+#   0. the inputs that land before the pipeline starts: legacy and current user exports
+#      (hot key `guest`), a celebrity's follower graph, alice's preferences;
+#   1. ingest and dedup: a batch POSTed to ingest twice (a client retry) and a bad one
+#      refused, then 100 000 generated events with 20 % client retries and 1 % idempotency
+#      conflicts; the dedup service SIGKILLed mid-run and restarted by `sieve all`,
 #      reconciled from the topics themselves;
-#   2. anti-join: legacy users minus current users (hot key `guest`) as a continuous stream,
-#      checked against the file anti-join on the same data;
+#   2. anti-join: legacy users minus current users as a continuous stream, checked against
+#      the file anti-join on the same data;
 #   3. notify: a celebrity's fan-out to 150 000 followers with P0 2FA codes sent while it runs,
 #      and the codes' latency;
-#   4. replay: dedup's group reset to the earliest offset and run again: the same unique
-#      events come out a second time, none of them taken for a duplicate of itself.
+#   4. replay: `sieve all` stopped, dedup's group reset to the earliest offset, dedup run
+#      again: the same unique events come out a second time, none taken for a duplicate of
+#      itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sieve/target}"
@@ -18,10 +21,10 @@ LEGACY="${SIEVE_DEMO_LEGACY:-50000}"
 FOLLOWERS="${SIEVE_DEMO_FOLLOWERS:-150000}"
 PORT="${SIEVE_DEMO_PORT:-19092}"
 BROKERS="127.0.0.1:$PORT"
-M_DEDUP="127.0.0.1:19464"
-M_ANTIJOIN="127.0.0.1:19465"
-M_PLANNER="127.0.0.1:19466"
-M_DELIVER="127.0.0.1:19467"
+ALL="127.0.0.1:19460"      # sieve all: /metrics, /readyz (every service), /services
+M_DEDUP="127.0.0.1:19461"
+M_ANTIJOIN="127.0.0.1:19462"
+M_DELIVER="127.0.0.1:19464"
 INGEST="127.0.0.1:19480"
 
 scripts/setup.sh
@@ -31,15 +34,15 @@ SIEVE="$CARGO_TARGET_DIR/debug/sieve"
 
 WORK=$(mktemp -d)
 export SIEVE_BROKER_DIR="$WORK/broker"
-PIDS=()
+ALL_PID=""
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -z "$ALL_PID" ] || kill "$ALL_PID" 2>/dev/null || true
+  [ -z "$ALL_PID" ] || wait "$ALL_PID" 2>/dev/null || true
   scripts/broker.sh stop
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 scripts/broker.sh start "$PORT"
-"$SIEVE" ctl topics apply --brokers "$BROKERS" --file deploy/topics.toml >/dev/null
 
 metric() { # metric ADDR NAME [LABELS]: sum of the samples of NAME whose labels contain LABELS
   curl -s "http://$1/metrics" | awk -v n="$2" -v l="${3:-}" '
@@ -54,21 +57,39 @@ quantile_ms() { # quantile_ms ADDR NAME LABELS Q: upper bound (ms) of the histog
 }
 count() { "$SIEVE" ctl topics count --brokers "$BROKERS" --topic "$@"; }
 lag() { "$SIEVE" ctl lag --brokers "$BROKERS" --group "$1" --topic "$2" --total 2>/dev/null || echo 1; }
-start() { # start ADDR LOG ARGS…: a sieve service in the background
-  local addr=$1 log=$2; shift 2
-  RUST_LOG=warn "$SIEVE" "$@" --brokers "$BROKERS" --state-dir "$WORK/state" \
-    --metrics-addr "$addr" -X session.timeout.ms=6000 2>>"$WORK/$log.log" &
-  PIDS+=($!)
-  LAST_PID=$!
+produce() { "$SIEVE" ctl produce --brokers "$BROKERS" --topic "$1" --key-pointer "$2"; }
+pid_of() { curl -s "http://$ALL/services" | grep -o "\"service\":\"$1\",\"pid\":[0-9]*" | grep -o '[0-9]*$'; }
+start_all() { # start_all [FLAGS…]: every service (or --services …) under one supervisor
+  SIEVE_INGEST_API_KEYS="demo-key-0001@demo:*" RUST_LOG=warn "$SIEVE" all --brokers "$BROKERS" \
+    --topics deploy/topics.toml --state-dir "$WORK/state" --metrics-addr "$ALL" \
+    --ingest-listen "$INGEST" --restart-unassigned-after 30s "$@" >/dev/null 2>>"$WORK/all.log" &
+  ALL_PID=$!
+  until curl -sf "http://$ALL/readyz" >/dev/null 2>&1; do
+    kill -0 "$ALL_PID" 2>/dev/null || { tail -20 "$WORK/all.log" >&2; exit 1; }
+    sleep 0.2
+  done
 }
-stop() { kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+stop_all() { kill -TERM "$ALL_PID" 2>/dev/null || true; wait "$ALL_PID" 2>/dev/null || true; ALL_PID=""; }
 ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
+
+# 0. Inputs that are there before the pipeline starts ----------------------------------------
+"$SIEVE" ctl topics apply --brokers "$BROKERS" --file deploy/topics.toml >/dev/null
+echo "demo: $LEGACY legacy users (5% 'guest') and the current users, to users.legacy / users.current"
+"$SIEVE" ctl gen users --side legacy --legacy "$LEGACY" --out "$WORK/legacy.ndjson"
+"$SIEVE" ctl gen users --side current --out "$WORK/current.ndjson"
+produce users.current /id <"$WORK/current.ndjson"
+produce users.legacy /id <"$WORK/legacy.ndjson"
+echo "demo: celebrity with $FOLLOWERS followers; alice has the app and a device token"
+"$SIEVE" ctl gen follows --author celebrity --followers "$FOLLOWERS" | produce graph.follows /key
+echo "{\"user_id\":\"alice\",\"last_active\":\"$(now)\",\"device_tokens\":[\"tok-alice\"]}" |
+  produce users.prefs /user_id
+echo "demo: starting sieve all (ingest, dedup, antijoin, notify planner, deliverer and feedback)"
+started=$(date +%s%N)
+start_all
+echo "demo: every service ready in $(( $(ms_since "$started") / 1000 )) s; status at http://$ALL/services"
 
 # 1. Ingest and dedup ----------------------------------------------------------------------
-SIEVE_INGEST_API_KEYS="demo-key-0001@demo:*" RUST_LOG=warn "$SIEVE" ingest serve --listen "$INGEST" \
-  --brokers "$BROKERS" 2>>"$WORK/ingest.log" &
-PIDS+=($!); INGEST_PID=$!
-until curl -sf "http://$INGEST/readyz" >/dev/null 2>&1; do sleep 0.2; done
 post() { # post IDEMPOTENCY-KEY BODY: the HTTP status and the first 160 bytes of the answer
   curl -s -o "$WORK/answer" -w '%{http_code}' -H 'Authorization: Bearer demo-key-0001' \
     -H 'Content-Type: application/json' -H "Idempotency-Key: $1" -d "$2" "http://$INGEST/v1/events/events"
@@ -80,20 +101,16 @@ batch='[{"event_id":"http-1","user_id":"u1","type":"purchase","amount_cents":500
 echo "demo: POST a batch of 3:            $(post batch-1 "$batch")"
 echo "demo: the client retries it:        $(post batch-1 "$batch")"
 echo "demo: a record with a wrong type:   $(post bad-1 '{"event_id":"http-4","user_id":"u4","type":"purchase","amount_cents":"ten"}')"
-stop "$INGEST_PID"
 echo "demo: producing $COUNT events (20% retries, 1% conflicts) to events.raw"
-"$SIEVE" ctl gen events --count "$COUNT" --topic events.raw --brokers "$BROKERS"
 started=$(date +%s%N)
-start "$M_DEDUP" dedup dedup --group demo-dedup
+"$SIEVE" ctl gen events --count "$COUNT" --topic events.raw --brokers "$BROKERS"
 until [ "$(metric "$M_DEDUP" sieve_records_in_total 2>/dev/null || echo 0)" -gt $((COUNT / 3)) ]; do sleep 0.2; done
-echo "demo: SIGKILL dedup after $(metric "$M_DEDUP" sieve_records_in_total) records (no graceful anything)"
-kill -9 "$LAST_PID"; wait "$LAST_PID" 2>/dev/null || true
-start "$M_DEDUP" dedup dedup --group demo-dedup
-DEDUP_PID=$LAST_PID
-echo "demo: restarted; it resumes from its RocksDB state and checks the output tail"
-until [ "$(lag demo-dedup events.raw)" = "0" ]; do sleep 0.5; done
+echo "demo: SIGKILL the dedup service after $(metric "$M_DEDUP" sieve_records_in_total) records (no graceful anything)"
+kill -9 "$(pid_of dedup)"
+until [ "$(metric "$ALL" sieve_all_restarts_total 'service="dedup"')" -ge 1 ]; do sleep 0.2; done
+echo "demo: sieve all restarted it; it resumes from its RocksDB state and checks the output tail"
+until [ "$(lag sieve-dedup events.raw)" = "0" ]; do sleep 0.5; done
 dedup_ms=$(ms_since "$started")
-stop "$DEDUP_PID"
 unique=$(count events.unique)
 dlq=$(count dlq.dedup)
 raw=$(count events.raw)
@@ -101,44 +118,23 @@ distinct=$(count events.unique --distinct-keys)
 expected=$("$SIEVE" ctl gen events --count "$COUNT" --summary)
 
 # 2. Anti-join ------------------------------------------------------------------------------
-echo "demo: $LEGACY legacy users (5% 'guest') and the current users, to users.legacy / users.current"
-"$SIEVE" ctl gen users --side legacy --legacy "$LEGACY" --out "$WORK/legacy.ndjson"
-"$SIEVE" ctl gen users --side current --out "$WORK/current.ndjson"
-"$SIEVE" ctl produce --brokers "$BROKERS" --topic users.current --key-pointer /id <"$WORK/current.ndjson"
-"$SIEVE" ctl produce --brokers "$BROKERS" --topic users.legacy --key-pointer /id <"$WORK/legacy.ndjson"
-started=$(date +%s%N)
-start "$M_ANTIJOIN" antijoin antijoin stream --group demo-antijoin
-AJ_PID=$LAST_PID
-until [ "$(lag demo-antijoin users.legacy)" = "0" ]; do sleep 0.5; done
-antijoin_ms=$(ms_since "$started")
+until [ "$(lag sieve-antijoin users.legacy)" = "0" ]; do sleep 0.5; done
 matched=$(metric "$M_ANTIJOIN" sieve_antijoin_matched_total)
 bloom_neg=$(metric "$M_ANTIJOIN" sieve_antijoin_bloom_negatives_total)
-stop "$AJ_PID"
 missing_keys=$(count antijoin.out --distinct-keys)
 "$SIEVE" antijoin files --left "$WORK/legacy.ndjson" --right "$WORK/current.ndjson" \
   --keys-only --out "$WORK/missing-keys.ndjson" --quiet 2>/dev/null
 file_keys=$(wc -l <"$WORK/missing-keys.ndjson")
 
 # 3. Notify ---------------------------------------------------------------------------------
-echo "demo: celebrity with $FOLLOWERS followers; alice has the app and a device token"
-"$SIEVE" ctl gen follows --author celebrity --followers "$FOLLOWERS" |
-  "$SIEVE" ctl produce --brokers "$BROKERS" --topic graph.follows --key-pointer /key
-now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
-echo "{\"user_id\":\"alice\",\"last_active\":\"$(now)\",\"device_tokens\":[\"tok-alice\"]}" |
-  "$SIEVE" ctl produce --brokers "$BROKERS" --topic users.prefs --key-pointer /user_id
-start "$M_PLANNER" planner notify planner --group demo-planner
-PLANNER_PID=$LAST_PID
-start "$M_DELIVER" deliver notify deliver --group demo-deliver
-DELIVER_PID=$LAST_PID
-until curl -sf "http://$M_DELIVER/readyz" >/dev/null 2>&1 && curl -sf "http://$M_PLANNER/readyz" >/dev/null 2>&1; do sleep 0.2; done
 started=$(date +%s%N)
 echo "{\"notification_id\":\"post-1\",\"priority\":2,\"category\":\"social\",\"template\":\"new_post\",\"channels\":[\"inapp\"],\"created_at\":\"$(now)\",\"author_id\":\"celebrity\",\"audience\":{\"followers_of\":\"celebrity\"}}" |
-  "$SIEVE" ctl produce --brokers "$BROKERS" --topic notify.requests.p2 --key-pointer /notification_id
+  produce notify.requests.p2 /notification_id
 until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')" -gt 5000 ]; do sleep 0.2; done
 echo "demo: fan-out under way; sending 10 P0 2FA codes to alice"
 for i in $(seq 1 10); do
   echo "{\"notification_id\":\"2fa-$i\",\"priority\":0,\"category\":\"security\",\"template\":\"2fa_code\",\"channels\":[\"push\"],\"created_at\":\"$(now)\",\"audience\":[\"alice\"]}" |
-    "$SIEVE" ctl produce --brokers "$BROKERS" --topic notify.requests.p0 --key-pointer /notification_id 2>/dev/null
+    produce notify.requests.p0 /notification_id 2>/dev/null
   sleep 0.1
 done
 until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="0",status="sent"')" -ge 10 ]; do sleep 0.2; done
@@ -148,16 +144,18 @@ p0_p99=$(quantile_ms "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"' 0.
 until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')" -ge "$FOLLOWERS" ]; do sleep 0.5; done
 fanout_ms=$(ms_since "$started")
 counts=$(curl -s "http://$M_DELIVER/v1/notifications/post-1")
-stop "$PLANNER_PID"; stop "$DELIVER_PID"
+restarts=$(metric "$ALL" sieve_all_restarts_total)
+dedup_restarts=$(metric "$ALL" sieve_all_restarts_total 'service="dedup"')
 
 # 4. Replay ---------------------------------------------------------------------------------
+echo "demo: stopping sieve all (SIGTERM: every service commits and stops)"
+stop_all
 echo "demo: replaying dedup from the earliest offset"
-"$SIEVE" ctl replay --brokers "$BROKERS" --group demo-dedup --topic events.raw --to-earliest --execute |
+"$SIEVE" ctl replay --brokers "$BROKERS" --group sieve-dedup --topic events.raw --to-earliest --execute |
   tail -3
-start "$M_DEDUP" dedup dedup --group demo-dedup
-REPLAY_PID=$LAST_PID
-until [ "$(lag demo-dedup events.raw)" = "0" ]; do sleep 0.5; done
-stop "$REPLAY_PID"
+start_all --services dedup
+until [ "$(lag sieve-dedup events.raw)" = "0" ]; do sleep 0.5; done
+stop_all
 unique_after=$(count events.unique)
 replayed=$((unique_after - unique))
 
@@ -165,13 +163,15 @@ secs() { echo "$(($1 / 1000)).$(( ($1 % 1000) / 100 ))"; }
 cat <<SUMMARY
 
   1. sieve ingest + sieve dedup — $raw events in $(secs "$dedup_ms") s, one SIGKILL in the middle
+     sieve all:           restarted the killed dedup ($dedup_restarts restarts of dedup, $restarts of every
+                          service; a restart without a kill is --restart-unassigned-after at work)
      over HTTP:           3 accepted, the same 3 retried, 1 refused with 400
      generated:           $expected
      events.unique:       $unique records, $distinct distinct keys (each key exactly once)
      dlq.dedup:           $dlq idempotency conflicts
      reconciliation:      in $raw = unique $unique + duplicates $((raw - unique - dlq)) + dlq $dlq
 
-  2. sieve antijoin stream — $LEGACY legacy records against the current users in $(secs "$antijoin_ms") s
+  2. sieve antijoin stream — $LEGACY legacy records against the current users
      antijoin.out:        $missing_keys distinct legacy ids with no current match
      antijoin files:      $file_keys on the same data (must be equal)
      matched (suppressed) $matched records, incl. every 'guest'; Bloom answered $bloom_neg lookups alone
@@ -184,7 +184,9 @@ cat <<SUMMARY
   4. sieve ctl replay — dedup reset to the earliest offset and run again
      events.unique:       $replayed more records, the first run wrote $unique (a replay gives the same output)
 
-  Metrics: http://$M_DEDUP/metrics http://$M_ANTIJOIN/metrics http://$M_DELIVER/metrics (while running)
+  Metrics (while sieve all runs): http://$ALL/metrics (supervisor), :19461 dedup, :19462 antijoin,
+  :19463 planner, :19464 deliverer, :19465 gateway feedback, http://$INGEST/metrics ingest;
+  status: http://$ALL/services
 SUMMARY
 [ "$missing_keys" = "$file_keys" ] || { echo "demo: stream and file anti-join disagree" >&2; exit 1; }
 [ "$replayed" = "$unique" ] || { echo "demo: the replay did not reproduce the first run" >&2; exit 1; }

@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         0,
         None,
     );
-    let writes = user_table_writes(&rec, "users.prefs");
+    let writes = user_table_writes(&rec, "users.prefs", "users.invalid_tokens");
     match rec_key(&rec) {
         None => assert!(writes.is_empty()),
         Some(k) => {

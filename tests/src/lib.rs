@@ -18,6 +18,8 @@ use rdkafka::producer::FutureRecord;
 use sieve_core::config::KafkaArgs;
 use sieve_core::kafka::Clients;
 
+pub mod chaos;
+
 /// Where the local broker binary is installed by `scripts/broker.sh install`.
 pub fn tansu_bin() -> PathBuf {
     if let Ok(p) = std::env::var("SIEVE_TANSU_BIN") {
@@ -465,12 +467,19 @@ impl Service {
             return Ok(false);
         }
         eprintln!("harness: ready with no partitions for {stall:?}: restarting the member (local broker group stall)");
+        self.respawn()?;
+        Ok(true)
+    }
+
+    /// Kills the process (SIGKILL, if still running) and starts it again with the same
+    /// command on a new metrics port; counters of the ended lifetime still count.
+    pub fn respawn(&mut self) -> Result<()> {
         let mut earlier = std::mem::take(&mut self.earlier_metrics);
         earlier.extend(self.get("/metrics").map(|(_, body)| body));
         self.kill();
         *self = Self::start(self.cmd.clone())?;
         self.earlier_metrics = earlier;
-        Ok(true)
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -569,9 +578,14 @@ impl Drop for Service {
 /// The arguments every stream service takes, for a test: this broker, `group`, a state
 /// directory, and a short session timeout so a killed member's partitions move quickly.
 pub fn service_args(broker: &Broker, group: &str, state: &Path) -> Vec<String> {
+    service_args_at(&broker.addr(), group, state)
+}
+
+/// `service_args` for a broker address.
+pub fn service_args_at(brokers: &str, group: &str, state: &Path) -> Vec<String> {
     [
         "--brokers",
-        &broker.addr(),
+        brokers,
         "--group",
         group,
         "--state-dir",

@@ -118,6 +118,11 @@ pub fn read_range(
             Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) => {
                 continue
             }
+            // The broker restarting or unreachable for a while: librdkafka reconnects by
+            // itself, and the idle timeout still bounds the wait.
+            Some(Err(e)) if crate::kafka::is_transient(&e) => {
+                tracing::debug!(error = %e, topic, partition, "read: waiting for the broker");
+            }
             Some(Err(e)) => break Err(CoreError::kafka(format!("read {topic}/{partition}"), e)),
             None if last_progress.elapsed() > idle_timeout => {
                 break Err(CoreError::kafka(
@@ -152,6 +157,30 @@ pub fn last_meta(
         Ok(())
     })?;
     Ok(last)
+}
+
+/// The meta of the changelog partition's last complete group in `[0, end)`. A group ends
+/// with its meta, so the last record is usually it; `hint`, a position at or before that
+/// group when known, bounds the search when a partial group trails.
+pub fn head_meta(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    hint: i64,
+    end: i64,
+) -> Result<Option<PartitionMeta>> {
+    if end <= 0 {
+        return Ok(None);
+    }
+    for from in [end - 1, hint.clamp(0, end - 1), 0] {
+        if let Some(m) = last_meta(reader, topic, partition, from, end)? {
+            return Ok(Some(m));
+        }
+        if from == 0 {
+            break;
+        }
+    }
+    Ok(None)
 }
 
 const IDLE: Duration = Duration::from_secs(30);

@@ -6,7 +6,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfig, FromClientConfigAndContext};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -189,6 +189,46 @@ fn config_or_kafka(context: &str, e: KafkaError) -> CoreError {
     }
 }
 
+/// How long a metadata request keeps being retried while the broker is away.
+const BROKER_WAIT: Duration = Duration::from_secs(60);
+
+/// Runs `f` again while it fails with a transient error, for up to a minute: a broker
+/// restart during a partition's open must not stop the service.
+pub fn retry_transient<T>(what: &str, mut f: impl FnMut() -> KafkaResult<T>) -> KafkaResult<T> {
+    let started = std::time::Instant::now();
+    loop {
+        match f() {
+            Err(e) if is_transient(&e) && started.elapsed() < BROKER_WAIT => {
+                tracing::warn!(error = %e, what, "broker unavailable; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Errors that say the broker is away or busy, not that the request is wrong: worth waiting
+/// out (librdkafka reconnects and retries by itself) rather than failing the service.
+pub fn is_transient(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::AllBrokersDown
+                | C::BrokerTransportFailure
+                | C::OperationTimedOut
+                | C::RequestTimedOut
+                | C::NetworkException
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::CoordinatorLoadInProgress
+                | C::Resolve
+        )
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +269,16 @@ mod tests {
             let _reader = c.reader().unwrap_or_else(|e| panic!("{props:?}: {e}"));
         }
         assert!(clients(&["security.protocol=TLS9"]).reader().is_err());
+    }
+
+    #[test]
+    fn broker_outages_are_transient_and_bad_requests_are_not() {
+        let e = |c| KafkaError::MessageConsumption(c);
+        assert!(is_transient(&e(RDKafkaErrorCode::AllBrokersDown)));
+        assert!(is_transient(&e(RDKafkaErrorCode::BrokerTransportFailure)));
+        assert!(!is_transient(&e(RDKafkaErrorCode::UnknownTopicOrPartition)));
+        assert!(!is_transient(&e(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
     }
 }

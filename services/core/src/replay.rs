@@ -35,7 +35,9 @@ use serde::{Deserialize, Serialize};
 use crate::changelog;
 use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
-use crate::runner::{send_changelog_group, settle_changelog, Ctx, Operator, OperatorFactory};
+use crate::runner::{
+    commit_logged, send_changelog_group, settle_changelog, Ctx, Operator, OperatorFactory,
+};
 use crate::store::{Changes, PartitionMeta, PartitionStore};
 use crate::telemetry::names;
 
@@ -72,16 +74,6 @@ pub fn requests_topic(group: &str) -> String {
 /// Key of one partition's request in [`requests_topic`].
 pub fn request_key(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
-}
-
-/// True when `changelog` (the partition's latest meta there) honoured a replay that the local
-/// store's meta does not know: another instance rewound the partition since this store was
-/// written, so the store is stale even though its offset is ahead.
-pub(crate) fn missed(changelog: &PartitionMeta, local: &PartitionMeta) -> bool {
-    changelog
-        .replays
-        .iter()
-        .any(|id| !local.replays.contains(id))
 }
 
 /// A rewind of one partition to `offset`, named `id`.
@@ -128,12 +120,10 @@ impl Replay {
         let Some(req) = self.pending(io, &meta.replays)? else {
             return Ok((store, None));
         };
-        let (low, high) = io
-            .reader
-            .fetch_watermarks(io.topic, io.partition, TIMEOUT)
-            .map_err(|e| {
-                CoreError::kafka(format!("watermarks of {}/{}", io.topic, io.partition), e)
-            })?;
+        let (low, high) = crate::kafka::retry_transient("replay watermarks", || {
+            io.reader.fetch_watermarks(io.topic, io.partition, TIMEOUT)
+        })
+        .map_err(|e| CoreError::kafka(format!("watermarks of {}/{}", io.topic, io.partition), e))?;
         // Retention may have moved the start since the request was made.
         let start = req.offset.clamp(low, high);
         tracing::info!(
@@ -163,7 +153,15 @@ impl Replay {
         let mut pending = Vec::new();
         if let Some(window) = factory.warmup() {
             let from = warmup_start(io, window, low, start, high)?;
-            let warmed = warm_up(io, &mut op, &mut store, &fresh, from, start, &mut pending)?;
+            let warmed = warm_up(
+                io,
+                &mut op,
+                &mut store,
+                &mut fresh,
+                from,
+                start,
+                &mut pending,
+            )?;
             metrics::counter!(names::REPLAY_WARMUP_RECORDS).increment(warmed);
             tracing::info!(
                 topic = io.topic,
@@ -179,13 +177,14 @@ impl Replay {
         fresh.replays.drain(..excess);
         let mut last = Changes::default();
         flush(&mut op, &store, &mut last)?;
-        store.commit(&last, &fresh)?;
-        pending.extend(send_changelog_group(
+        pending.extend(commit_logged(
             io.producer,
             io.group,
             &(io.topic.to_string(), io.partition),
+            &mut store,
             &last,
-            &fresh,
+            &mut fresh,
+            "after_replay_committed",
         )?);
         if let Some(pos) = settle_changelog(pending)? {
             fresh.changelog_pos = pos;
@@ -342,7 +341,7 @@ fn warm_up<O: Operator>(
     io: &Io<'_>,
     op: &mut O,
     store: &mut PartitionStore,
-    meta: &PartitionMeta,
+    meta: &mut PartitionMeta,
     from: i64,
     to: i64,
     pending: &mut Vec<DeliveryFuture>,
@@ -357,26 +356,28 @@ fn warm_up<O: Operator>(
         outputs.clear();
         if changes.len() >= CHUNK {
             flush(op, store, &mut changes)?;
-            store.commit(&changes, meta)?;
-            pending.extend(send_changelog_group(
+            pending.extend(commit_logged(
                 io.producer,
                 io.group,
                 &tp,
+                store,
                 &changes,
                 meta,
+                "after_warmup_committed",
             )?);
             changes.clear();
         }
         Ok(())
     })?;
     flush(op, store, &mut changes)?;
-    store.commit(&changes, meta)?;
-    pending.extend(send_changelog_group(
+    pending.extend(commit_logged(
         io.producer,
         io.group,
         &tp,
+        store,
         &changes,
         meta,
+        "after_warmup_committed",
     )?);
     Ok(read)
 }
@@ -404,17 +405,5 @@ mod tests {
         assert_eq!(id_in(""), None);
         assert_eq!(id_in("sieve-replay:"), None);
         assert_eq!(id_in("something else"), None);
-    }
-
-    #[test]
-    fn a_store_that_missed_a_replay_is_stale_whatever_its_offset() {
-        let meta = |next_offset, replays: &[&str]| PartitionMeta {
-            next_offset,
-            replays: replays.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        };
-        assert!(missed(&meta(10, &["a", "b"]), &meta(500, &["a"])));
-        assert!(!missed(&meta(10, &["a"]), &meta(500, &["a"])));
-        assert!(!missed(&meta(10, &[]), &meta(500, &["a"])));
     }
 }

@@ -36,7 +36,7 @@ use crate::changelog;
 use crate::config::{Guarantee, ServiceArgs};
 use crate::error::{CoreError, Result};
 use crate::failpoint;
-use crate::kafka::Clients;
+use crate::kafka::{retry_transient, Clients};
 use crate::priority::Scheduler;
 use crate::record::{Output, OutputId, ID_HEADER};
 use crate::replay::{self, Replay};
@@ -333,21 +333,28 @@ impl<F: OperatorFactory> Engine<F> {
         let started = Instant::now();
         let path = self.store_path(topic, partition);
         let cl_topic = changelog::topic_name(&self.group, topic);
-        let (_, cl_end) = self
-            .reader
-            .fetch_watermarks(&cl_topic, partition, Duration::from_secs(10))
-            .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{partition}"), e))?;
+        let (_, cl_end) = retry_transient("changelog watermarks", || {
+            self.reader
+                .fetch_watermarks(&cl_topic, partition, Duration::from_secs(10))
+        })
+        .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{partition}"), e))?;
         let mut store = PartitionStore::open(&path)?;
         let local = store.meta()?;
-        // The local store is a cache: rebuild it when it is missing or another instance
-        // advanced the partition since this store was last written.
+        // The local store is a cache: rebuild it when it is missing, when another instance
+        // committed the partition since, or when it is ahead of the changelog (a crash between
+        // its commit and the changelog write).
         let rebuild = match &local {
             None => cl_end > 0,
-            Some(l) if cl_end > l.changelog_pos => {
-                changelog::last_meta(&self.reader, &cl_topic, partition, l.changelog_pos, cl_end)?
-                    .is_some_and(|m| m.next_offset > l.next_offset || replay::missed(&m, l))
+            Some(l) => {
+                let head = changelog::head_meta(
+                    &self.reader,
+                    &cl_topic,
+                    partition,
+                    l.changelog_pos,
+                    cl_end,
+                )?;
+                !l.is_current(head.as_ref())
             }
-            Some(_) => false,
         };
         if rebuild {
             drop(store);
@@ -417,10 +424,10 @@ impl<F: OperatorFactory> Engine<F> {
         }
         let mut ends = BTreeMap::new();
         for (t, p) in &self.output_tps {
-            let (low, high) = self
-                .reader
-                .fetch_watermarks(t, *p, Duration::from_secs(10))
-                .map_err(|e| CoreError::kafka(format!("watermarks of {t}/{p}"), e))?;
+            let (low, high) = retry_transient("output watermarks", || {
+                self.reader.fetch_watermarks(t, *p, Duration::from_secs(10))
+            })
+            .map_err(|e| CoreError::kafka(format!("watermarks of {t}/{p}"), e))?;
             ends.insert(tp_key(t, *p), (t.clone(), *p, low, high));
         }
         let dirty: Vec<&Tp> = opened
@@ -500,13 +507,14 @@ impl<F: OperatorFactory> Engine<F> {
                 }
             }
             part.meta.clean = false;
-            part.store.commit(&Changes::default(), &part.meta)?;
-            pending.extend(send_changelog_group(
+            pending.extend(commit_logged(
                 &self.producer,
                 &self.group,
                 tp,
+                &mut part.store,
                 &Changes::default(),
-                &part.meta,
+                &mut part.meta,
+                "after_recovery_committed",
             )?);
         }
         settle_changelog(pending)?;
@@ -536,19 +544,22 @@ impl<F: OperatorFactory> Engine<F> {
             // Outputs found by a recovery scan but not re-encountered yet keep the partition
             // dirty, so the next owner scans for them again.
             part.meta.clean = part.already_written.is_empty();
-            part.store.commit(&part.changes, &part.meta)?;
             if self.exactly_once() {
-                let pending = send_changelog_group(
+                let pending = commit_logged(
                     &self.producer,
                     &self.group,
                     tp,
+                    &mut part.store,
                     &part.changes,
-                    &part.meta,
+                    &mut part.meta,
+                    "after_close_committed",
                 )?;
                 if let Some(pos) = settle_changelog(pending)? {
                     part.meta.changelog_pos = pos;
                 }
                 part.store.commit(&Changes::default(), &part.meta)?;
+            } else {
+                part.store.commit(&part.changes, &part.meta)?;
             }
             part.changes.clear();
             part.store.flush()?;
@@ -657,6 +668,17 @@ impl<F: OperatorFactory> Engine<F> {
             }
         }
         failpoint::hit("after_outputs_acked");
+        // Every output of the next batch lands after every output acked now, whichever
+        // partition wrote it: a scan floor for all touched partitions, so output partitions a
+        // partition never writes to (with key-preserving partitioning, most of them) do not
+        // keep the floor of its first open and make its recovery scan read their whole history.
+        let mut floors: BTreeMap<String, i64> = BTreeMap::new();
+        for tp in touched {
+            for (k, off) in self.partitions.get(tp).into_iter().flat_map(|p| &p.acked) {
+                let f = floors.entry(k.clone()).or_insert(-1);
+                *f = (*f).max(off + 1);
+            }
+        }
         let mut commits = TopicPartitionList::new();
         let exactly_once = self.exactly_once();
         for tp in touched {
@@ -669,22 +691,25 @@ impl<F: OperatorFactory> Engine<F> {
                 part.already_written.clear();
             }
             flush_operator(part, false)?;
-            let acked = std::mem::take(&mut part.acked);
+            part.acked.clear();
             if part.already_written.is_empty() {
-                for (k, off) in acked {
-                    part.meta.out_pos.insert(k, off + 1);
+                for (k, floor) in &floors {
+                    let pos = part.meta.out_pos.entry(k.clone()).or_insert(*floor);
+                    *pos = (*pos).max(*floor);
                 }
             }
-            part.store.commit(&part.changes, &part.meta)?;
-            failpoint::hit("after_state_committed");
             if exactly_once || !part.changes.is_empty() {
-                part.pending_changelog = send_changelog_group(
+                part.pending_changelog = commit_logged(
                     &self.producer,
                     &self.group,
                     tp,
+                    &mut part.store,
                     &part.changes,
-                    &part.meta,
+                    &mut part.meta,
+                    "after_state_committed",
                 )?;
+            } else {
+                part.store.commit(&part.changes, &part.meta)?;
             }
             part.changes.clear();
             if part.meta.next_offset >= 0 {
@@ -884,6 +909,25 @@ fn send_output(
         rec = rec.partition(p);
     }
     enqueue(producer, rec)
+}
+
+/// Commits `changes` and `meta` under a fresh commit id to the local store, then queues the
+/// same as a changelog group. The id lets a later open see whether the group reached the
+/// changelog before a crash (`PartitionMeta::is_current`). `failpoint` names the moment in
+/// between, where a kill leaves the store ahead of the changelog.
+pub(crate) fn commit_logged(
+    producer: &FutureProducer,
+    group: &str,
+    tp: &Tp,
+    store: &mut PartitionStore,
+    changes: &Changes,
+    meta: &mut PartitionMeta,
+    failpoint: &str,
+) -> Result<Vec<DeliveryFuture>> {
+    meta.new_commit();
+    store.commit(changes, meta)?;
+    failpoint::hit(failpoint);
+    send_changelog_group(producer, group, tp, changes, meta)
 }
 
 /// Queues the changelog group of one batch of input partition `tp`: its changes, then its

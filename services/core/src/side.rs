@@ -169,9 +169,10 @@ fn catch_up(
     topic: &str,
     partition: i32,
 ) -> Result<u64> {
-    let (low, high) = reader
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(|e| CoreError::kafka(format!("watermarks of {topic}/{partition}"), e))?;
+    let (low, high) = crate::kafka::retry_transient("side watermarks", || {
+        reader.fetch_watermarks(topic, partition, Duration::from_secs(10))
+    })
+    .map_err(|e| CoreError::kafka(format!("watermarks of {topic}/{partition}"), e))?;
     let from = table
         .positions()
         .get(&tp_key(topic, partition))

@@ -2,9 +2,11 @@
 //! that are dropped whole, and the partition's progress (`PartitionMeta`) written in the same
 //! atomic batch as the state it describes.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
-
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use rocksdb::{
@@ -47,6 +49,33 @@ pub struct PartitionMeta {
     /// (see `replay.rs`).
     #[serde(default)]
     pub replays: Vec<String>,
+    /// A random id of the last commit that was also sent to the changelog: a store is
+    /// current only when the changelog's last group carries the same id (see
+    /// [`PartitionMeta::is_current`]). 0 for a store that never sent a group.
+    #[serde(default)]
+    pub commit: u64,
+}
+
+impl PartitionMeta {
+    /// Gives the meta a fresh commit id, for a commit that is about to be sent to the changelog.
+    pub fn new_commit(&mut self) {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        // Random keys per process, a counter within it: distinct across instances and restarts.
+        let id = RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed));
+        self.commit = id.max(1);
+    }
+
+    /// Whether a local store with this meta may be used as is, given `head`, the meta of the
+    /// changelog's last complete group. It may not when another instance advanced or rewound
+    /// the partition since (the head is a later commit), nor when a crash lost the group of the
+    /// store's own last commit (the store is ahead of anything another instance could restore,
+    /// and staying ahead would leave those changes out of the changelog for good).
+    pub fn is_current(&self, head: Option<&PartitionMeta>) -> bool {
+        match head {
+            Some(h) => h.commit == self.commit,
+            None => self.commit == 0,
+        }
+    }
 }
 
 /// The net write set of one batch, with read-your-writes through `PartitionStore::get`.
@@ -398,6 +427,25 @@ fn store_err(path: &Path, e: rocksdb::Error) -> CoreError {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_store_is_current_only_when_the_changelog_ends_with_its_last_commit() {
+        let mut local = PartitionMeta::default();
+        assert!(local.is_current(None), "nothing ever sent, nothing to miss");
+        local.new_commit();
+        let mut head = local.clone();
+        assert!(local.is_current(Some(&head)));
+        // The group of the store's own last commit was lost in a crash.
+        assert!(!local.is_current(None));
+        let mut older = local.clone();
+        older.new_commit();
+        local.new_commit();
+        assert!(!local.is_current(Some(&older)));
+        // Another instance committed after it (advanced, or rewound by a replay).
+        head.new_commit();
+        assert_ne!(head.commit, local.commit);
+        assert!(!local.is_current(Some(&head)));
+    }
     use super::*;
 
     #[test]

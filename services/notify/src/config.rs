@@ -50,6 +50,14 @@ pub struct DelivererArgs {
     /// Kill switches (compacted, key `notification:<id>` or `campaign:<id>`).
     #[arg(long, env = "SIEVE_NOTIFY_CONTROL", default_value = "sieve.control")]
     pub control: String,
+    /// Device tokens gateways reported invalid (compacted, key `<user>/<token>`), written
+    /// by `sieve notify feedback`.
+    #[arg(
+        long,
+        env = "SIEVE_NOTIFY_INVALID_TOKENS",
+        default_value = "users.invalid_tokens"
+    )]
+    pub invalid_tokens: String,
     #[arg(long, env = "SIEVE_NOTIFY_DLQ", default_value = "dlq.notify")]
     pub dlq: String,
     #[arg(long, env = "SIEVE_NOTIFY_PUSH_PER_HOUR", default_value_t = 5)]
@@ -67,4 +75,22 @@ pub struct DelivererArgs {
     /// go out when no task arrives.
     #[arg(long, env = "SIEVE_NOTIFY_TICK", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tick: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FeedbackArgs {
+    /// Gateway reports (`schemas/gateway-report.schema.json`), key = user id.
+    #[arg(long, env = "SIEVE_NOTIFY_FEEDBACK", default_value = "notify.feedback")]
+    pub feedback: String,
+    /// Where an `invalid_token` report becomes a record the deliverer reads with preferences.
+    #[arg(
+        long,
+        env = "SIEVE_NOTIFY_INVALID_TOKENS",
+        default_value = "users.invalid_tokens"
+    )]
+    pub invalid_tokens: String,
+    #[arg(long, env = "SIEVE_NOTIFY_STATUS", default_value = "notify.status")]
+    pub status: String,
+    #[arg(long, env = "SIEVE_NOTIFY_DLQ", default_value = "dlq.notify")]
+    pub dlq: String,
 }

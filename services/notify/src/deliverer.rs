@@ -8,10 +8,9 @@
 //! - `r/<user>\0<channel>`: the token bucket;
 //! - `q/<due ms>/<notification>\0<user>\0<channel>`: P3 deliveries deferred by quiet hours,
 //!   released by the first task or clock tick of the partition at or after their due time;
-//! - `c/<notification>`: counts by status, served at `GET /v1/notifications/{id}`.
+//! - `c/<notification>`: counts by status, served at `GET /v1/notifications/{id}` (`counts.rs`).
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::message::{Message, OwnedMessage};
@@ -20,10 +19,11 @@ use sieve_core::dlq::dead_letter;
 use sieve_core::record::Output;
 use sieve_core::runner::{Ctx, Operator};
 use sieve_core::side::KvTable;
-use sieve_core::store::{PartitionStore, DEFAULT_CF};
+use sieve_core::store::DEFAULT_CF;
 use sieve_core::Result;
 
 use crate::config::DelivererArgs;
+use crate::counts::CountsBoard;
 use crate::metrics as m;
 use crate::model::{Channel, Counts, Delivery, Notification, Prefs, StatusEvent, TaskRecord};
 use crate::planner::to_json;
@@ -32,16 +32,25 @@ use crate::rules::{decide, Bucket, Decision};
 /// Side-table keys: preferences by user, kill switches by control key.
 pub const PREFS_PREFIX: &str = "p/";
 pub const CONTROL_PREFIX: &str = "k/";
-const COUNTS_PREFIX: &str = "c/";
+/// `t/<user>\0<token>`: a device token a gateway reported invalid (`feedback.rs`).
+pub const INVALID_TOKEN_PREFIX: &str = "t/";
 const DEFERRED_PREFIX: &[u8] = b"q/";
 
-/// Users-table writes for one `users.prefs` or `sieve.control` record: preferences under
-/// `p/<user>`, kill switches under `k/<key>`; a tombstone deletes, a record without a key
-/// is ignored.
-pub fn user_table_writes(rec: &OwnedMessage, prefs_topic: &str) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+/// Users-table writes for one `users.prefs`, `sieve.control` or `users.invalid_tokens`
+/// record: preferences under `p/<user>`, kill switches under `k/<key>`, invalid tokens under
+/// `t/<user>\0<token>`; a tombstone deletes, a record without a key is ignored.
+pub fn user_table_writes(
+    rec: &OwnedMessage,
+    prefs_topic: &str,
+    tokens_topic: &str,
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     let Some(key) = rec.key() else {
         return Vec::new();
     };
+    let value = rec.payload().map(<[u8]>::to_vec);
+    if rec.topic() == tokens_topic {
+        return invalid_token_write(key, value);
+    }
     let prefix = if rec.topic() == prefs_topic {
         PREFS_PREFIX
     } else {
@@ -49,10 +58,22 @@ pub fn user_table_writes(rec: &OwnedMessage, prefs_topic: &str) -> Vec<(Vec<u8>,
     };
     let mut k = prefix.as_bytes().to_vec();
     k.extend_from_slice(key);
-    vec![(k, rec.payload().map(<[u8]>::to_vec))]
+    vec![(k, value)]
 }
 
-fn pair_key(prefix: &str, parts: &[&str]) -> Vec<u8> {
+/// `users.invalid_tokens` key `<user>/<token>` (tokens have no `/`, user ids may) as
+/// `t/<user>\0<token>`; a tombstone lifts the invalidation.
+fn invalid_token_write(key: &[u8], value: Option<Vec<u8>>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let key = String::from_utf8_lossy(key);
+    match key.rsplit_once('/') {
+        Some((user, token)) if !token.is_empty() => {
+            vec![(pair_key(INVALID_TOKEN_PREFIX, &[user, token]), value)]
+        }
+        _ => Vec::new(),
+    }
+}
+
+pub fn pair_key(prefix: &str, parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.as_bytes().to_vec();
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
@@ -68,43 +89,6 @@ struct Deferred {
     notification: Notification,
     user: String,
     channel: Channel,
-}
-
-/// Counts of every notification this instance's partitions have seen.
-#[derive(Clone, Default)]
-pub struct CountsBoard(Arc<Mutex<BTreeMap<i32, BTreeMap<String, Counts>>>>);
-
-impl CountsBoard {
-    fn set(&self, partition: i32, id: &str, counts: Counts) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(partition)
-            .or_default()
-            .insert(id.to_string(), counts);
-    }
-
-    pub fn get(&self, id: &str) -> Option<Counts> {
-        let board = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let mut total: Option<Counts> = None;
-        for part in board.values() {
-            if let Some(c) = part.get(id) {
-                total.get_or_insert_with(Counts::default).merge(c);
-            }
-        }
-        total
-    }
-
-    /// Loads a partition's stored counts when it opens.
-    pub fn load(&self, partition: i32, store: &PartitionStore) -> Result<()> {
-        store.for_each_prefix(DEFAULT_CF, COUNTS_PREFIX.as_bytes(), |k, v| {
-            if let Ok(c) = serde_json::from_slice::<Counts>(v) {
-                let id = String::from_utf8_lossy(&k[COUNTS_PREFIX.len()..]).into_owned();
-                self.set(partition, &id, c);
-            }
-            Ok(())
-        })
-    }
 }
 
 pub struct Deliverer {
@@ -143,12 +127,28 @@ impl Deliverer {
         }
     }
 
+    /// The user's preferences without the device tokens gateways reported invalid. An
+    /// invalidation wins over any preferences record, older or newer: the two topics have no
+    /// order between them, and a token a gateway unregistered never becomes valid again (a
+    /// re-registered device gets a new token).
     fn prefs(&self, user: &str) -> Result<Prefs> {
         let raw = self.users.get(format!("{PREFS_PREFIX}{user}").as_bytes())?;
         // Unparseable preferences count as none: the user still gets security messages.
-        Ok(raw
+        let mut prefs: Prefs = raw
             .and_then(|v| serde_json::from_slice(&v).ok())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        let mut valid = Vec::with_capacity(prefs.device_tokens.len());
+        for token in std::mem::take(&mut prefs.device_tokens) {
+            if self
+                .users
+                .get(&pair_key(INVALID_TOKEN_PREFIX, &[user, &token]))?
+                .is_none()
+            {
+                valid.push(token);
+            }
+        }
+        prefs.device_tokens = valid;
+        Ok(prefs)
     }
 
     fn per_hour(&self, channel: Channel) -> Option<u32> {
@@ -251,14 +251,8 @@ impl Deliverer {
         counts: Counts,
         ctx: &mut Ctx<'_>,
     ) -> Result<()> {
-        let key = format!("{COUNTS_PREFIX}{}", n.notification_id);
-        let mut total: Counts = ctx
-            .get(DEFAULT_CF, key.as_bytes())?
-            .and_then(|v| serde_json::from_slice(&v).ok())
-            .unwrap_or_default();
-        total.merge(&counts);
-        ctx.put(DEFAULT_CF, key.as_bytes(), &to_json(&total)?);
-        self.board.set(self.partition, &n.notification_id, total);
+        self.board
+            .add(self.partition, &n.notification_id, &counts, ctx)?;
         let event = StatusEvent {
             notification_id: n.notification_id.clone(),
             user_id: None,

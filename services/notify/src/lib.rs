@@ -4,7 +4,9 @@
 //! strict priority between `p0` … `p3` (docs/notify.md).
 
 pub mod config;
+pub mod counts;
 pub mod deliverer;
+pub mod feedback;
 pub mod metrics;
 pub mod model;
 pub mod planner;
@@ -15,10 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::Path;
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use rdkafka::producer::FutureRecord;
 use sieve_core::config::{KafkaArgs, ServiceArgs};
 use sieve_core::kafka::Clients;
@@ -28,8 +27,10 @@ use sieve_core::store::PartitionStore;
 use sieve_core::Result;
 
 use config::by_priority;
-pub use config::{DelivererArgs, PlannerArgs};
-use deliverer::{CountsBoard, Deliverer};
+pub use config::{DelivererArgs, FeedbackArgs, PlannerArgs};
+use counts::CountsBoard;
+use deliverer::Deliverer;
+use feedback::Feedback;
 use planner::Planner;
 
 fn priorities(topics: &[String], guard: Duration) -> Option<(BTreeMap<String, u8>, Duration)> {
@@ -125,38 +126,22 @@ pub struct DelivererFactory {
 impl DelivererFactory {
     pub fn open(cfg: DelivererArgs, service: &ServiceArgs) -> Result<Self> {
         metrics::describe();
-        let prefs_topic = cfg.prefs.clone();
+        let (prefs_topic, tokens_topic) = (cfg.prefs.clone(), cfg.invalid_tokens.clone());
         let users = KvTable::open(
             &side_path(service, "users"),
-            vec![cfg.prefs.clone(), cfg.control.clone()],
+            vec![
+                cfg.prefs.clone(),
+                cfg.control.clone(),
+                cfg.invalid_tokens.clone(),
+            ],
             SideMode::Broadcast,
-            Box::new(move |rec| deliverer::user_table_writes(rec, &prefs_topic)),
+            Box::new(move |rec| deliverer::user_table_writes(rec, &prefs_topic, &tokens_topic)),
         )?;
         Ok(DelivererFactory {
             cfg: Arc::new(cfg),
             users,
             board: CountsBoard::default(),
         })
-    }
-
-    /// `GET /v1/notifications/{id}`: counts by status over this instance's partitions.
-    fn routes(&self) -> Router {
-        let board = self.board.clone();
-        Router::new().route(
-            "/v1/notifications/{id}",
-            get(move |Path(id): Path<String>| {
-                let board = board.clone();
-                async move {
-                    match board.get(&id) {
-                        Some(c) => Ok(Json(serde_json::json!({"notification_id": id, "counts": c}))),
-                        None => Err((
-                            StatusCode::NOT_FOUND,
-                            Json(serde_json::json!({"error": "unknown notification", "notification_id": id})),
-                        )),
-                    }
-                }
-            }),
-        )
     }
 }
 
@@ -218,11 +203,52 @@ pub fn run_deliverer(kafka: &KafkaArgs, service: &ServiceArgs, args: DelivererAr
         std::thread::spawn(move || tick(&clients, &topic, every, &stop))
     };
     let factory = DelivererFactory::open(args, &service)?;
-    let routes = factory.routes();
+    let routes = factory.board.routes();
     let result = sieve_core::service::run_processor(factory, kafka, &service, routes);
     stop.store(true, Ordering::SeqCst);
     let _ = ticker.join();
     result
+}
+
+pub struct FeedbackFactory {
+    cfg: Arc<FeedbackArgs>,
+    board: CountsBoard,
+}
+
+impl OperatorFactory for FeedbackFactory {
+    type Op = Feedback;
+
+    fn inputs(&self) -> Vec<String> {
+        vec![self.cfg.feedback.clone()]
+    }
+
+    fn outputs(&self) -> Vec<String> {
+        vec![
+            self.cfg.status.clone(),
+            self.cfg.invalid_tokens.clone(),
+            self.cfg.dlq.clone(),
+        ]
+    }
+
+    fn open(&self, _topic: &str, partition: i32, store: &PartitionStore) -> Result<Feedback> {
+        self.board.load(partition, store)?;
+        Ok(Feedback::new(
+            self.cfg.clone(),
+            partition,
+            self.board.clone(),
+        ))
+    }
+}
+
+/// Runs the gateway feedback processor until SIGTERM/SIGINT.
+pub fn run_feedback(kafka: &KafkaArgs, service: &ServiceArgs, args: FeedbackArgs) -> Result<()> {
+    metrics::describe();
+    let factory = FeedbackFactory {
+        cfg: Arc::new(args),
+        board: CountsBoard::default(),
+    };
+    let routes = factory.board.routes();
+    sieve_core::service::run_processor(factory, kafka, service, routes)
 }
 
 /// Writes `{"tick":true}` to every partition of `topic` every `every` until `stop`.

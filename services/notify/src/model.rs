@@ -179,3 +179,52 @@ impl Counts {
         self.by_status.is_empty()
     }
 }
+
+/// What a gateway reports about one delivery on `notify.feedback`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportStatus {
+    Delivered,
+    Opened,
+    Clicked,
+    /// The gateway gave up after its retries (`reason` says why).
+    Failed,
+    /// One device token of a push was rejected for good (`token` names it).
+    InvalidToken,
+}
+
+impl ReportStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReportStatus::Delivered => "delivered",
+            ReportStatus::Opened => "opened",
+            ReportStatus::Clicked => "clicked",
+            ReportStatus::Failed => "failed",
+            ReportStatus::InvalidToken => "invalid_token",
+        }
+    }
+}
+
+/// A gateway report on `notify.feedback` (key = user id). Unknown fields are allowed, so
+/// gateways may add their own (a provider message id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub notification_id: String,
+    pub user_id: String,
+    pub channel: Channel,
+    pub status: ReportStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// A record on `users.invalid_tokens` (compacted, key `<user>/<token>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvalidToken {
+    pub user_id: String,
+    pub token: String,
+    pub notification_id: String,
+    pub at: DateTime<Utc>,
+}

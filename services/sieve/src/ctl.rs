@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::TopicPartitionList;
-use sieve_core::config::KafkaArgs;
+use sieve_core::config::{KafkaArgs, KafkaProperty};
 use sieve_core::kafka::Clients;
 use sieve_core::topics::{self, Action, TopicsFile};
 
@@ -66,7 +66,15 @@ pub fn print_events(spec: EventSpec) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn produce_events(kafka: KafkaArgs, topic: &str, spec: EventSpec) -> anyhow::Result<ExitCode> {
+/// Produces generated events keyed and `idempotency-key`-headed by their id, plus `extra`
+/// headers on every record (a benchmark's raw baseline carries what the path it measures
+/// carries).
+pub fn produce_events(
+    kafka: KafkaArgs,
+    topic: &str,
+    spec: EventSpec,
+    extra: &[KafkaProperty],
+) -> anyhow::Result<ExitCode> {
     let clients = Clients::new(kafka);
     clients.check_reachable()?;
     let producer = clients.producer()?;
@@ -74,10 +82,16 @@ pub fn produce_events(kafka: KafkaArgs, topic: &str, spec: EventSpec) -> anyhow:
     let mut pending = Vec::new();
     let mut n = 0u64;
     for e in gen::events(spec) {
-        let headers = OwnedHeaders::new().insert(Header {
+        let mut headers = OwnedHeaders::new().insert(Header {
             key: "idempotency-key",
             value: Some(e.key.as_bytes()),
         });
+        for h in extra {
+            headers = headers.insert(Header {
+                key: &h.key,
+                value: Some(h.value.as_bytes()),
+            });
+        }
         let rec = FutureRecord::to(topic)
             .key(e.key.as_bytes())
             .payload(&e.payload)

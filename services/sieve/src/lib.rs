@@ -1,5 +1,6 @@
 //! Parts of the `sieve` binary that tests and benchmarks reuse.
 
+pub mod all;
 pub mod ctl;
 pub mod dlq;
 pub mod gen;

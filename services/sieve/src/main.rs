@@ -8,7 +8,7 @@ use sieve::ctl;
 use sieve::dlq;
 use sieve::gen::{self, EventSpec, UsersSpec};
 use sieve::replay::{self, Target};
-use sieve_core::config::{KafkaArgs, LogFormat, ServiceArgs};
+use sieve_core::config::{KafkaArgs, KafkaProperty, LogFormat, ServiceArgs};
 use sieve_dedup::DedupArgs;
 
 #[derive(Debug, Parser)]
@@ -24,6 +24,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Every service of the pipeline (ingest, dedup, anti-join, notify planner and deliverer)
+    /// under one supervisor: restarts, one readiness, one SIGTERM.
+    All(Box<sieve::all::AllArgs>),
     /// Drop retries by idempotency key inside a TTL window, exactly once.
     Dedup {
         #[command(flatten)]
@@ -94,6 +97,16 @@ enum NotifyCmd {
     Deliver {
         #[command(flatten)]
         deliver: sieve_notify::DelivererArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Gateway reports (delivered, opened, clicked, failed, invalid token) into counts, dead
+    /// letters and token invalidations.
+    Feedback {
+        #[command(flatten)]
+        feedback: sieve_notify::FeedbackArgs,
         #[command(flatten)]
         kafka: KafkaArgs,
         #[command(flatten)]
@@ -310,6 +323,9 @@ enum GenCmd {
         /// Print only how many events are new, retries and conflicts.
         #[arg(long)]
         summary: bool,
+        /// Another header on every produced record, `name=value` (repeatable).
+        #[arg(long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<KafkaProperty>,
         #[command(flatten)]
         kafka: KafkaArgs,
     },
@@ -350,11 +366,15 @@ fn main() -> ExitCode {
             command: AntijoinCmd::Stream { service, .. },
         }
         | Command::Notify {
-            command: NotifyCmd::Planner { service, .. } | NotifyCmd::Deliver { service, .. },
+            command:
+                NotifyCmd::Planner { service, .. }
+                | NotifyCmd::Deliver { service, .. }
+                | NotifyCmd::Feedback { service, .. },
         } => service.log_format,
         Command::Ingest {
             command: IngestCmd::Serve(args),
         } => args.log_format,
+        Command::All(args) => args.log_format,
         Command::Ctl { .. } | Command::Antijoin { .. } | Command::Ingest { .. } => LogFormat::Text,
     };
     sieve_core::telemetry::init_logs(format);
@@ -369,6 +389,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::All(args) => sieve::all::run(*args),
         Command::Dedup {
             dedup,
             kafka,
@@ -409,6 +430,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     kafka,
                     service,
                 } => sieve_notify::run_deliverer(&kafka, &service, deliver)?,
+                NotifyCmd::Feedback {
+                    feedback,
+                    kafka,
+                    service,
+                } => sieve_notify::run_feedback(&kafka, &service, feedback)?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -484,6 +510,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         seed,
                         topic,
                         summary,
+                        headers,
                         kafka,
                     },
             } => {
@@ -496,7 +523,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 };
                 match (topic, summary) {
                     (_, true) => ctl::summarise_events(spec),
-                    (Some(t), false) => ctl::produce_events(kafka, &t, spec),
+                    (Some(t), false) => ctl::produce_events(kafka, &t, spec, &headers),
                     (None, false) => ctl::print_events(spec),
                 }
             }

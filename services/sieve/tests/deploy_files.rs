@@ -28,6 +28,8 @@ const TOPIC_VARS: &[&str] = &[
     "SIEVE_NOTIFY_DLQ",
     "SIEVE_NOTIFY_PREFS",
     "SIEVE_NOTIFY_CONTROL",
+    "SIEVE_NOTIFY_FEEDBACK",
+    "SIEVE_NOTIFY_INVALID_TOKENS",
 ];
 /// Environment variables whose values are prefixes of topic names (`<prefix>.p0`, …).
 const TOPIC_PREFIX_VARS: &[&str] = &[

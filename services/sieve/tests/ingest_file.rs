@@ -275,6 +275,33 @@ fn killed_loader_resumes_and_the_topic_deduplicated_equals_the_input() -> Result
     Ok(())
 }
 
+/// The size: a generated 2 GB JSON array read, parsed and validated (`--dry-run`: the
+/// whole reading path, without a broker that would take most of an hour for it) in a peak RSS
+/// under 200 MB. The test above covers the producing path at a tenth of the size.
+#[test]
+fn a_2_gb_json_array_validates_with_peak_rss_under_200_mb() -> Result<()> {
+    let s = Setup::new(1)?;
+    let n = 2_000_000u64;
+    let array = s.dir.path().join("two-gb.json");
+    write_array(&array, n, 0, 1000)?;
+    let size = std::fs::metadata(&array)?.len();
+    ensure!(size >= 2_000_000_000, "{size} B");
+    let (code, summary, stderr) = s.run("anon", &[&array], &["--dry-run"])?;
+    std::fs::remove_file(&array)?;
+    ensure!(code == 0, "exit {code}: {stderr}");
+    ensure!(summary["accepted"] == n, "{summary}");
+    let rss = summary["peak_rss_bytes"].as_u64().unwrap_or(u64::MAX);
+    let secs = summary["seconds"].as_f64().unwrap_or(0.0);
+    eprintln!(
+        "validated {} MB ({n} records) in {secs:.1} s ({:.0} MB/s), peak RSS {} MiB",
+        size / 1_000_000,
+        size as f64 / secs / 1e6,
+        rss >> 20
+    );
+    ensure!(rss > 0 && rss < 200 << 20, "peak RSS {} MiB", rss >> 20);
+    Ok(())
+}
+
 /// A file far larger than the loader's memory bound loads completely with a flat peak RSS.
 #[test]
 fn a_large_json_array_loads_with_peak_rss_under_200_mb() -> Result<()> {

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use chrono::{SecondsFormat, Utc};
 use rdkafka::message::{Message, OwnedMessage};
-use sieve_tests::{http_get, service_args, unique, wait_for, Broker, Service};
+use serde_json::json;
+use sieve_tests::{header_str, http_get, service_args, unique, wait_for, Broker, Service};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
@@ -32,7 +33,15 @@ impl Setup {
         for c in ["push", "email", "sms", "inapp"] {
             s.broker.create_topic(&s.t(&format!("out.{c}")), 2)?;
         }
-        for t in ["status", "follows", "prefs", "control", "dlq"] {
+        for t in [
+            "status",
+            "follows",
+            "prefs",
+            "control",
+            "dlq",
+            "feedback",
+            "invalid_tokens",
+        ] {
             s.broker.create_topic(&s.t(t), 2)?;
         }
         Ok(s)
@@ -46,23 +55,29 @@ impl Setup {
     fn spawn(&self, role: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Service> {
         let group = format!("{}-{role}", self.ns);
         let mut args: Vec<String> = vec!["notify".into(), role.into()];
-        let topics: &[(&str, &str)] = if role == "planner" {
-            &[
+        let topics: &[(&str, &str)] = match role {
+            "planner" => &[
                 ("--requests", "requests"),
                 ("--tasks", "tasks"),
                 ("--follows", "follows"),
                 ("--status", "status"),
                 ("--dlq", "dlq"),
-            ]
-        } else {
-            &[
+            ],
+            "feedback" => &[
+                ("--feedback", "feedback"),
+                ("--invalid-tokens", "invalid_tokens"),
+                ("--status", "status"),
+                ("--dlq", "dlq"),
+            ],
+            _ => &[
                 ("--tasks", "tasks"),
                 ("--out", "out"),
                 ("--status", "status"),
                 ("--prefs", "prefs"),
                 ("--control", "control"),
+                ("--invalid-tokens", "invalid_tokens"),
                 ("--dlq", "dlq"),
-            ]
+            ],
         };
         for (flag, name) in topics {
             args.push(flag.to_string());
@@ -123,7 +138,8 @@ impl Setup {
             .collect()
     }
 
-    /// Counts by status over the deliverer's summaries for one notification.
+    /// Counts by status over the status events (the deliverer's summaries and the feedback
+    /// processor's counted reports) for one notification.
     fn counts(&self, id: &str) -> Result<BTreeMap<String, u64>> {
         let mut total = BTreeMap::new();
         for m in self.read("status")? {
@@ -139,6 +155,61 @@ impl Setup {
         }
         Ok(total)
     }
+}
+
+/// A gateway report on `feedback`, keyed by user id as gateways must.
+fn report(user: &str, id: &str, status: &str, extra: serde_json::Value) -> (String, String) {
+    let mut v = json!({
+        "notification_id": id, "user_id": user, "channel": "push", "status": status, "at": now()
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    (user.to_string(), v.to_string())
+}
+
+/// Waits until the group of `role` has committed everything on `topic`.
+fn wait_consumed(s: &Setup, role: &str, topic: &str, svc: &mut Service) -> Result<()> {
+    let (group, t) = (format!("{}-{role}", s.ns), s.t(topic));
+    let res = wait_for(
+        &format!("{role} consumed {topic}"),
+        Duration::from_secs(120),
+        || {
+            if svc.exited().is_some() {
+                return Some(());
+            }
+            let end = s.broker.end_offsets(&t).ok()?;
+            let done = s.broker.committed(&group, &t).ok()?;
+            end.iter()
+                .all(|(p, e)| *e == 0 || done.get(p) == Some(e))
+                .then_some(())
+        },
+    );
+    ensure!(
+        svc.exited().is_none(),
+        "{role} exited:\n{}",
+        svc.log_tail(30)
+    );
+    res
+}
+
+/// Device tokens of the push records of notification `id` to `user`.
+fn pushed_tokens(s: &Setup, id: &str, user: &str) -> Result<Vec<Vec<String>>> {
+    Ok(s.read("out.push")?
+        .iter()
+        .filter_map(|m| serde_json::from_slice::<serde_json::Value>(m.payload()?).ok())
+        .filter(|v| v["notification_id"] == id && v["user_id"] == user)
+        .map(|v| {
+            v["device_tokens"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|t| t.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect())
 }
 
 fn percentile(v: &mut [i64], p: f64) -> i64 {
@@ -231,12 +302,11 @@ fn p0_overtakes_a_200k_fan_out() -> Result<()> {
                 .timestamp_millis(),
         );
         s.request(0, body)?;
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(50));
     }
     wait_for("every P0 delivered", Duration::from_secs(120), || {
         (s.broker.count(&s.t("out.push")).ok()? >= codes).then_some(())
     })?;
-    let fan_out_when_p0_done = s.broker.count(&s.t("out.inapp"))?;
     let mut latencies: Vec<i64> = s
         .read("out.push")?
         .iter()
@@ -260,12 +330,12 @@ fn p0_overtakes_a_200k_fan_out() -> Result<()> {
         percentile(&mut latencies, 0.5),
         percentile(&mut latencies, 0.99),
     );
-    eprintln!(
-        "P0 latency during a {followers}-recipient fan-out: p50 {p50} ms, p99 {p99} ms \
-         (request to task: p50 {} ms, p99 {} ms); fan-out at {fan_out_when_p0_done} when the last P0 went out",
-        percentile(&mut planned, 0.5),
-        percentile(&mut planned, 0.99)
-    );
+    let last_p0 = s
+        .read("out.push")?
+        .iter()
+        .filter_map(|m| m.timestamp().to_millis())
+        .max()
+        .unwrap_or(i64::MAX);
     wait_counts(
         &s,
         "post-1",
@@ -273,11 +343,23 @@ fn p0_overtakes_a_200k_fan_out() -> Result<()> {
         followers as u64,
         &mut [&mut planner, &mut deliverer],
     )?;
+    // Where the fan-out stood when the last P0 went out, from the outputs' own timestamps.
+    let fan_out_when_p0_done = s
+        .read("out.inapp")?
+        .iter()
+        .filter(|m| m.timestamp().to_millis().is_some_and(|t| t <= last_p0))
+        .count();
+    eprintln!(
+        "P0 latency during a {followers}-recipient fan-out: p50 {p50} ms, p99 {p99} ms \
+         (request to task: p50 {} ms, p99 {} ms); fan-out at {fan_out_when_p0_done} when the last P0 went out",
+        percentile(&mut planned, 0.5),
+        percentile(&mut planned, 0.99)
+    );
     assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(latencies.len(), codes as usize);
     ensure!(
-        fan_out_when_p0_done < followers,
+        fan_out_when_p0_done < followers as usize,
         "the P0 codes must be delivered while the fan-out is still running"
     );
     // Generous for a loaded 2-core CI machine where the local broker's single sqlite writer
@@ -555,5 +637,241 @@ fn p3_in_quiet_hours_is_deferred_then_released_by_the_clock() -> Result<()> {
         sent_at >= end_at.timestamp_millis() - end_at.timestamp_millis() % 60_000,
         "released before the quiet period ended"
     );
+    Ok(())
+}
+
+#[test]
+fn gateway_reports_count_once_and_failures_reach_the_dlq() -> Result<()> {
+    let s = Setup::new()?;
+    let active = ["u0", "u1", "u2", "u3", "u4", "u5"];
+    s.broker.produce(
+        &s.t("prefs"),
+        active.iter().map(|u| (u.to_string(), active_prefs())),
+    )?;
+    let mut planner = s.spawn("planner", &[], &[])?;
+    let mut deliverer = s.spawn("deliver", &[], &[])?;
+    // u6 has no preferences (never active): its push is suppressed.
+    let mut all = active.to_vec();
+    all.push("u6");
+    s.request(1, direct("n-fb", 1, &all, &["push"]))?;
+    wait_counts(&s, "n-fb", "sent", 6, &mut [&mut planner, &mut deliverer])?;
+    // Malformed requests and tasks go to the same DLQ as failed deliveries.
+    let mut bad_priority = direct("bad-p", 1, &["u0"], &["push"]);
+    bad_priority["priority"] = 7.into();
+    s.broker.produce(
+        &s.t("requests.p1"),
+        [
+            ("x".to_string(), "{not json".to_string()),
+            ("bad-p".to_string(), bad_priority.to_string()),
+        ],
+    )?;
+    s.broker.produce(&s.t("tasks.p1"), [("x", "{not json")])?;
+    let none = || json!({});
+    // In order; skipping stages; out of order; a late `delivered` after a final `failed`.
+    let reports = [
+        report("u0", "n-fb", "delivered", none()),
+        report("u1", "n-fb", "delivered", none()),
+        report("u1", "n-fb", "opened", none()),
+        report("u2", "n-fb", "clicked", none()),
+        report("u3", "n-fb", "opened", none()),
+        report("u3", "n-fb", "delivered", none()),
+        report("u4", "n-fb", "failed", json!({"reason": "unreachable"})),
+        report("u4", "n-fb", "delivered", none()),
+        report("u5", "n-fb", "failed", json!({"reason": "quota_exceeded"})),
+    ];
+    // Every report twice, as a gateway retrying its own produce sends it.
+    s.broker
+        .produce(&s.t("feedback"), reports.iter().chain(&reports).cloned())?;
+    // Unusable: not JSON; keyed by the notification instead of the user; failed, no reason.
+    let (_, misrouted) = report("u0", "n-fb", "clicked", none());
+    s.broker.produce(
+        &s.t("feedback"),
+        [
+            ("u0".to_string(), "{not json".to_string()),
+            ("n-fb".to_string(), misrouted),
+            report("u1", "n-fb", "failed", none()),
+        ],
+    )?;
+    // A crash after the outputs were acknowledged and before the state was committed: the
+    // restart re-processes those reports and must neither count nor dead-letter them twice.
+    let mut fb = s.spawn(
+        "feedback",
+        &[],
+        &[("SIEVE_FAILPOINT", "after_outputs_acked@1")],
+    )?;
+    fb.wait_exit("feedback crash", Duration::from_secs(120))?;
+    ensure!(
+        fb.logs().contains("failpoint reached"),
+        "{}",
+        fb.log_tail(20)
+    );
+    let mut fb = s.spawn("feedback", &[], &[])?;
+    wait_consumed(&s, "feedback", "feedback", &mut fb)?;
+    wait_consumed(&s, "planner", "requests.p1", &mut planner)?;
+    wait_consumed(&s, "deliver", "tasks.p1", &mut deliverer)?;
+    let expected: BTreeMap<&str, u64> = [
+        ("planned", 7),
+        ("sent", 6),
+        ("suppressed", 1),
+        ("delivered", 4),
+        ("opened", 3),
+        ("clicked", 1),
+        ("failed", 2),
+        ("failed:unreachable", 1),
+        ("failed:quota_exceeded", 1),
+    ]
+    .into();
+    let check = |c: &BTreeMap<String, u64>| -> Result<()> {
+        let get = |k: &str| c.get(k).copied().unwrap_or(0);
+        for (k, n) in &expected {
+            ensure!(get(k) == *n, "{k}: {} instead of {n} in {c:?}", get(k));
+        }
+        ensure!(
+            get("planned")
+                == get("delivered")
+                    + get("failed")
+                    + get("suppressed")
+                    + get("cancelled")
+                    + get("expired"),
+            "planned = delivered + failed + suppressed + cancelled + expired: {c:?}"
+        );
+        Ok(())
+    };
+    check(&s.counts("n-fb")?)?;
+    let http = |fb: &Service| -> Result<BTreeMap<String, u64>> {
+        let (code, body) = fb.get("/v1/notifications/n-fb").unwrap_or_default();
+        ensure!(code == 200, "GET counts: {code} {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        Ok(serde_json::from_value(v["counts"].clone())?)
+    };
+    let served = http(&fb)?;
+    for k in ["delivered", "opened", "clicked", "failed"] {
+        assert_eq!(served.get(k), expected.get(k), "served {served:?}");
+    }
+    let dead_letters = || -> Result<Vec<(String, String)>> {
+        let mut v: Vec<(String, String)> = s
+            .read("dlq")?
+            .iter()
+            .map(|m| {
+                (
+                    header_str(m, "sieve-dlq-stage").unwrap_or_default(),
+                    header_str(m, "sieve-dlq-reason").unwrap_or_default(),
+                )
+            })
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let dlq = dead_letters()?;
+    let f = |stage: &str, r: &str| (format!("notify-{stage}"), r.to_string());
+    assert_eq!(
+        dlq,
+        [
+            f("deliverer", "bad_task"),
+            f("feedback", "bad_report"),
+            f("feedback", "bad_report"),
+            f("feedback", "bad_report"),
+            f("feedback", "quota_exceeded"),
+            f("feedback", "unreachable"),
+            f("planner", "bad_request"),
+            f("planner", "bad_request"),
+        ]
+    );
+
+    // State lost and every report redelivered: the progress is rebuilt from the changelog,
+    // so nothing counts again.
+    assert_eq!(fb.terminate(Duration::from_secs(30))?, 0);
+    std::fs::remove_dir_all(s.dir.path().join("feedback"))?;
+    let mut fb = s.spawn("feedback", &[], &[])?;
+    s.broker
+        .produce(&s.t("feedback"), reports.iter().cloned())?;
+    wait_consumed(&s, "feedback", "feedback", &mut fb)?;
+    check(&s.counts("n-fb")?)?;
+    assert_eq!(http(&fb)?, served, "counts served after the rebuild");
+    assert_eq!(dead_letters()?, dlq, "no dead letter twice");
+    assert_eq!(fb.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    Ok(())
+}
+
+#[test]
+fn an_invalid_token_is_removed_and_stays_removed_after_state_loss() -> Result<()> {
+    let s = Setup::new()?;
+    let prefs =
+        |tokens: &[&str]| json!({"last_active": now(), "device_tokens": tokens}).to_string();
+    s.broker.produce(
+        &s.t("prefs"),
+        [
+            ("erin", prefs(&["dead"])),
+            ("finn", prefs(&["old", "good"])),
+        ],
+    )?;
+    let mut planner = s.spawn("planner", &[], &[])?;
+    let mut deliverer = s.spawn("deliver", &[], &[])?;
+    let mut fb = s.spawn("feedback", &[], &[])?;
+    let users = ["erin", "finn"];
+    s.request(1, direct("t-1", 1, &users, &["push"]))?;
+    wait_counts(&s, "t-1", "sent", 2, &mut [&mut planner, &mut deliverer])?;
+    let invalid = [
+        report("erin", "t-1", "invalid_token", json!({"token": "dead"})),
+        report("finn", "t-1", "invalid_token", json!({"token": "old"})),
+    ];
+    s.broker
+        .produce(&s.t("feedback"), invalid.iter().chain(&invalid).cloned())?;
+    wait_consumed(&s, "feedback", "feedback", &mut fb)?;
+    assert_eq!(s.counts("t-1")?.get("invalid_token"), Some(&2));
+    assert_eq!(
+        s.broker.count(&s.t("invalid_tokens"))?,
+        2,
+        "one record per token"
+    );
+    let keys: Vec<Vec<u8>> = s
+        .broker
+        .compacted_view(&s.t("invalid_tokens"))?
+        .into_keys()
+        .collect();
+    assert_eq!(keys, [b"erin/dead".to_vec(), b"finn/old".to_vec()]);
+    // The deliverer follows the invalidations like preferences (2 of each).
+    wait_for(
+        "deliverer applied the invalidations",
+        Duration::from_secs(60),
+        || {
+            let applied = deliverer
+                .metric("sieve_side_records_total", &[])
+                .unwrap_or(0.0)
+                + deliverer
+                    .metric("sieve_side_catch_up_records_total", &[])
+                    .unwrap_or(0.0);
+            (applied >= 4.0).then_some(())
+        },
+    )?;
+    let next_push = |id: &str, svcs: &mut [&mut Service]| -> Result<()> {
+        s.request(1, direct(id, 1, &users, &["push"]))?;
+        wait_counts(&s, id, "sent", 1, svcs)?;
+        let c = wait_counts(&s, id, "suppressed", 1, svcs)?;
+        assert_eq!(c.get("suppressed:no_device_token"), Some(&1), "{c:?}");
+        assert_eq!(pushed_tokens(&s, id, "erin")?, Vec::<Vec<String>>::new());
+        Ok(())
+    };
+    next_push("t-2", &mut [&mut planner, &mut deliverer])?;
+    assert_eq!(pushed_tokens(&s, "t-2", "finn")?, [["good"]]);
+    // The user's app sends preferences that still list the dead tokens, and a new one: the
+    // new one is used, the invalidated ones stay out. Then the deliverer loses its state.
+    s.broker.produce(
+        &s.t("prefs"),
+        [
+            ("erin", prefs(&["dead"])),
+            ("finn", prefs(&["old", "good", "new"])),
+        ],
+    )?;
+    assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    std::fs::remove_dir_all(s.dir.path().join("deliver"))?;
+    let mut deliverer = s.spawn("deliver", &[], &[])?;
+    next_push("t-3", &mut [&mut planner, &mut deliverer])?;
+    assert_eq!(pushed_tokens(&s, "t-3", "finn")?, [["good", "new"]]);
+    assert_eq!(fb.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
     Ok(())
 }

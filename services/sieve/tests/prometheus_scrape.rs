@@ -90,7 +90,7 @@ fn prometheus_scrapes_every_service_and_evaluates_the_rules() -> Result<()> {
     .collect();
     let mut antijoin = Service::spawn(Path::new(BIN), &args, &[], p.dir.path())?;
 
-    // Notify's planner and deliverer on a prefixed copy of every topic of deploy/topics.toml.
+    // Notify's planner, deliverer and feedback processor on a prefixed copy of every topic of deploy/topics.toml.
     let prefix = format!("{}-", unique("n"));
     let topics_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/topics.toml");
     let (code, text) = p.ctl(
@@ -137,10 +137,20 @@ fn prometheus_scrapes_every_service_and_evaluates_the_rules() -> Result<()> {
             ("status", "notify.status"),
             ("prefs", "users.prefs"),
             ("control", "sieve.control"),
+            ("invalid-tokens", "users.invalid_tokens"),
             ("dlq", "dlq.notify"),
         ],
     )?;
-    let services = [&dedup, &antijoin, &planner, &deliver];
+    let mut feedback = notify(
+        "feedback",
+        &[
+            ("feedback", "notify.feedback"),
+            ("invalid-tokens", "users.invalid_tokens"),
+            ("status", "notify.status"),
+            ("dlq", "dlq.notify"),
+        ],
+    )?;
+    let services = [&dedup, &antijoin, &planner, &deliver, &feedback];
 
     let port = free_port();
     let config = p.dir.path().join("prometheus.yml");
@@ -149,9 +159,15 @@ fn prometheus_scrapes_every_service_and_evaluates_the_rules() -> Result<()> {
          rule_files: [\"{}\"]\nscrape_configs:\n",
         alerts_file().display()
     );
-    for (job, svc) in ["dedup", "antijoin", "notify-planner", "notify-deliver"]
-        .iter()
-        .zip(services)
+    for (job, svc) in [
+        "dedup",
+        "antijoin",
+        "notify-planner",
+        "notify-deliver",
+        "notify-feedback",
+    ]
+    .iter()
+    .zip(services)
     {
         yaml += &format!(
             "  - job_name: {job}\n    static_configs: [{{ targets: [\"127.0.0.1:{}\"] }}]\n",
@@ -208,5 +224,6 @@ fn prometheus_scrapes_every_service_and_evaluates_the_rules() -> Result<()> {
     assert_eq!(antijoin.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(deliver.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(feedback.terminate(Duration::from_secs(30))?, 0);
     Ok(())
 }

@@ -2,9 +2,13 @@
 //! same broker and data, in one run: raw consume→produce pass-through (the ceiling), the core
 //! runner's pass-through with exactly-once on and off, dedup (10 % retries by default) and
 //! the anti-join against a right side holding every other key. Prints records/s and the
-//! ratio to raw, plus the Bloom filter's bits per key at 1 % FP.
+//! ratio to raw, plus the Bloom filter's bits per key at 1 % FP. A naive dedup (a `HashSet`
+//! of every key, consume→produce) is the second baseline for dedup: each stage's peak RSS is
+//! measured (the process's high-water mark is reset before it), so the set's growth shows
+//! beside dedup's bounded state. `--json` writes the results for `bench/run`.
 //!
 //!   cargo run -p sieve-tests --bin sieve-bench-core -- [--records N] [--engine sqlite|memory]
+//!     [--stages raw,core-eo,core-alo,dedup,antijoin,naive-dedup] [--json PATH]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,7 +18,7 @@ use anyhow::{ensure, Result};
 use clap::Parser;
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use sieve_core::config::{Guarantee, LogFormat, ServiceArgs};
 use sieve_core::record::Output;
@@ -37,6 +41,48 @@ struct Args {
     /// Share of input records that repeat an earlier key with the same payload.
     #[arg(long, default_value_t = 0.1)]
     retry_rate: f64,
+    /// Stages to run, in order (`raw` first: it is the baseline of the ratios).
+    #[arg(long, value_delimiter = ',', default_values_t = STAGES.map(String::from))]
+    stages: Vec<String>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// Every stage. The naive dedup runs last: the memory its set held stays in the process.
+const STAGES: [&str; 6] = [
+    "raw",
+    "core-eo",
+    "core-alo",
+    "dedup",
+    "antijoin",
+    "naive-dedup",
+];
+
+#[derive(serde::Serialize)]
+struct StageResult {
+    stage: String,
+    name: &'static str,
+    records_per_s: f64,
+    seconds: f64,
+    outputs: i64,
+    expected_outputs: usize,
+    peak_rss_mib: f64,
+}
+
+/// Resets this process's peak RSS (VmHWM) to its current RSS (Linux `clear_refs` 5).
+fn reset_peak_rss() -> Result<()> {
+    Ok(std::fs::write("/proc/self/clear_refs", "5")?)
+}
+
+fn peak_rss_mib() -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/self/status"))?;
+    Ok(kb / 1024.0)
 }
 
 struct Pass(String);
@@ -66,8 +112,15 @@ impl OperatorFactory for PassFactory {
     }
 }
 
-/// Raw librdkafka: consume every record, produce it, wait for all acks, commit.
-fn raw_passthrough(broker: &Broker, input: &str, output: &str, n: usize) -> Result<Duration> {
+/// Raw librdkafka: consume every record, produce those `keep` accepts, wait for all acks,
+/// commit.
+fn raw_passthrough(
+    broker: &Broker,
+    input: &str,
+    output: &str,
+    n: usize,
+    mut keep: impl FnMut(&BorrowedMessage<'_>) -> bool,
+) -> Result<Duration> {
     let clients = broker.clients();
     let consumer: BaseConsumer = clients.consumer_config(&unique("raw")).create()?;
     consumer.subscribe(&[input])?;
@@ -78,6 +131,11 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, n: usize) -> Resu
     while seen < n {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             let m = m?;
+            seen += 1;
+            consumer.store_offset_from_message(&m)?;
+            if !keep(&m) {
+                continue;
+            }
             let mut rec = FutureRecord::<[u8], [u8]>::to(output);
             if let Some(k) = m.key() {
                 rec = rec.key(k);
@@ -101,8 +159,6 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, n: usize) -> Resu
                     }
                 }
             }
-            consumer.store_offset_from_message(&m)?;
-            seen += 1;
         }
         ensure!(
             started.elapsed() < Duration::from_secs(600),
@@ -286,36 +342,47 @@ fn main() -> Result<()> {
     broker.produce(&right, right_keys.iter().map(|k| (k.as_str(), "{}")))?;
     let missing = keys.iter().filter(|k| !even(k)).count();
 
-    let mut rows = Vec::new();
-    for stage in ["raw", "core-eo", "core-alo", "dedup", "antijoin"] {
+    let records = args.records;
+    drop((keys, values));
+    let mut rows: Vec<StageResult> = Vec::new();
+    for stage in &args.stages {
         let out = unique("bench-out");
         broker.create_topic(&out, args.partitions)?;
-        let (name, elapsed, expect) = match stage {
+        reset_peak_rss()?;
+        let (name, elapsed, expect) = match stage.as_str() {
             "raw" => (
                 "raw librdkafka pass-through",
-                raw_passthrough(&broker, &input, &out, args.records)?,
-                args.records,
+                raw_passthrough(&broker, &input, &out, records, |_| true)?,
+                records,
             ),
             "core-eo" => (
                 "core pass-through, exactly-once",
-                core_passthrough(&broker, &input, &out, args.records, Guarantee::ExactlyOnce)?,
-                args.records,
+                core_passthrough(&broker, &input, &out, records, Guarantee::ExactlyOnce)?,
+                records,
             ),
             "core-alo" => (
                 "core pass-through, at-least-once",
-                core_passthrough(&broker, &input, &out, args.records, Guarantee::AtLeastOnce)?,
-                args.records,
+                core_passthrough(&broker, &input, &out, records, Guarantee::AtLeastOnce)?,
+                records,
             ),
             "dedup" => (
                 "dedup, exactly-once",
                 dedup(&broker, &input, &out, unique_n)?,
                 unique_n,
             ),
-            _ => (
+            "antijoin" => (
                 "anti-join stream, exactly-once (right: half the keys)",
                 antijoin(&broker, &input, &right, &out, missing)?,
                 missing,
             ),
+            "naive-dedup" => {
+                let mut seen = std::collections::HashSet::new();
+                let elapsed = raw_passthrough(&broker, &input, &out, records, |m| {
+                    seen.insert(m.key().map(<[u8]>::to_vec))
+                })?;
+                ("naive dedup (HashSet of every key)", elapsed, unique_n)
+            }
+            other => anyhow::bail!("unknown stage {other}; stages: {}", STAGES.join(",")),
         };
         let count = broker.count(&out)?;
         ensure!(
@@ -323,32 +390,61 @@ fn main() -> Result<()> {
             "{name}: {count} outputs, expected {expect}"
         );
         // Rates count input records consumed, so a stage that drops records compares fairly.
-        rows.push((name, args.records as f64 / elapsed.as_secs_f64()));
-        eprintln!(
-            "{name}: {:.0} records/s",
-            args.records as f64 / elapsed.as_secs_f64()
-        );
+        let rate = records as f64 / elapsed.as_secs_f64();
+        eprintln!("{name}: {rate:.0} records/s");
+        rows.push(StageResult {
+            stage: stage.clone(),
+            name,
+            records_per_s: rate,
+            seconds: elapsed.as_secs_f64(),
+            outputs: count,
+            expected_outputs: expect,
+            peak_rss_mib: peak_rss_mib()?,
+        });
     }
-    let raw = rows[0].1;
+    let raw = rows
+        .iter()
+        .find(|r| r.stage == "raw")
+        .map_or(f64::NAN, |r| r.records_per_s);
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "\n{} records x {} B ({:.0} % retries), {} partitions, {} engine, {} cores\n",
-        args.records,
+        "\n{} records x {} B ({:.0} % retries), {} partitions, {} engine, {cores} cores\n",
+        records,
         args.value_bytes,
         args.retry_rate * 100.0,
         args.partitions,
         args.engine,
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
     );
-    println!("| run | input records/s | ratio to raw |\n| --- | ---: | ---: |");
-    for (name, rate) in &rows {
-        println!("| {name} | {rate:.0} | {:.2} |", rate / raw);
+    println!(
+        "| run | input records/s | ratio to raw | peak RSS (MiB) |\n| --- | ---: | ---: | ---: |"
+    );
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.0} |",
+            r.name,
+            r.records_per_s,
+            r.records_per_s / raw,
+            r.peak_rss_mib
+        );
     }
     let (bits, fp) = bloom_bits_per_key(1_000_000)?;
     println!(
         "\nBloom filter, 1 M keys at 1 % target: {bits:.1} bits/key, measured FP {:.2} %",
         fp * 100.0
     );
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "records": records,
+            "unique_keys": unique_n,
+            "value_bytes": args.value_bytes,
+            "retry_rate": args.retry_rate,
+            "partitions": args.partitions,
+            "engine": args.engine,
+            "cores": cores,
+            "stages": rows,
+            "bloom": {"keys": 1_000_000, "bits_per_key": bits, "false_positive_rate": fp},
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
+    }
     Ok(())
 }
