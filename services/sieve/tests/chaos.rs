@@ -9,14 +9,8 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use sieve_tests::chaos::{self, Config};
 
-// Ignored in the suite: its second run (CI, seed 7671472494614954020: 25 kills, 5 second
-// instances, 2 broker kills) found dedup passing one event twice (a retry taken for new),
-// while the first run after the broker-outage fix passed. Until that is explained — the
-// documented limit of exactly-once without broker transactions (no fencing of a member that
-// lost its partitions, docs/exactly-once.md) or a bug — a red run would block every merge.
-// Run it with `scripts/test.sh -p sieve --test chaos --run-ignored all`.
+// A failure prints its seed; `SIEVE_CHAOS_SEED=<seed>` repeats the same schedule of kills.
 #[test]
-#[ignore = "found a duplicate under rebalances and broker kills; see docs/chaos.md"]
 fn pipeline_survives_service_and_broker_kills() -> Result<()> {
     let seed = match std::env::var("SIEVE_CHAOS_SEED") {
         Ok(s) => s.parse()?,
