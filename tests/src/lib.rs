@@ -452,13 +452,18 @@ impl Service {
     /// Harness workaround for a local-broker bug: Tansu 0.6.0's group coordinator sometimes
     /// leaves a member that joined right after another was SIGKILLed with an empty
     /// assignment that never changes (ready, zero partitions; seen about once per full test
-    /// run, not reproducible alone). A member in that state for `stall` is restarted, as an
-    /// orchestrator's liveness probe would; every test's exactly-once checks still apply to
-    /// whatever it wrote. A member that is still joining or restoring is never touched.
+    /// run, not reproducible alone), or never answers its join at all (subscribed, never
+    /// assigned; seen in the chaos test under the full suite's load). A member subscribed
+    /// with no partitions for `stall` is restarted, as an orchestrator's liveness probe
+    /// would; every test's exactly-once checks still apply to whatever it wrote. A member
+    /// that is restoring, or has not subscribed yet, is never touched.
     pub fn restart_if_unassigned(&mut self, stall: Duration) -> Result<bool> {
-        let ready = self.metric("sieve_ready", &[]) == Some(1.0);
-        let assigned = self.metric("sieve_assigned_partitions", &[]).unwrap_or(0.0);
-        if !(ready && assigned == 0.0) || self.child.is_none() {
+        // The gauge exists from the subscription on; before it, the member is starting.
+        let assigned = self.metric("sieve_assigned_partitions", &[]);
+        let restoring = self
+            .metric("sieve_restore_in_progress", &[])
+            .unwrap_or(0.0);
+        if !(assigned == Some(0.0) && restoring == 0.0) || self.child.is_none() {
             self.last_healthy = Some(Instant::now());
             return Ok(false);
         }
@@ -466,7 +471,7 @@ impl Service {
         if since.elapsed() < stall {
             return Ok(false);
         }
-        eprintln!("harness: ready with no partitions for {stall:?}: restarting the member (local broker group stall)");
+        eprintln!("harness: no partitions for {stall:?}: restarting the member (local broker group stall)");
         self.respawn()?;
         Ok(true)
     }
