@@ -460,9 +460,7 @@ impl Service {
     pub fn restart_if_unassigned(&mut self, stall: Duration) -> Result<bool> {
         // The gauge exists from the subscription on; before it, the member is starting.
         let assigned = self.metric("sieve_assigned_partitions", &[]);
-        let restoring = self
-            .metric("sieve_restore_in_progress", &[])
-            .unwrap_or(0.0);
+        let restoring = self.metric("sieve_restore_in_progress", &[]).unwrap_or(0.0);
         if !(assigned == Some(0.0) && restoring == 0.0) || self.child.is_none() {
             self.last_healthy = Some(Instant::now());
             return Ok(false);
