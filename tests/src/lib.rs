@@ -82,6 +82,8 @@ pub enum Engine {
     /// Fast but skips records on mid-batch fetches: throughput runs that read from offset 0
     /// without rebalancing only, with counts checked.
     Memory,
+    /// Not started by the harness (librdkafka's mock cluster, for fault injection).
+    External,
 }
 
 /// A local broker on loopback, stopped when dropped.
@@ -116,6 +118,21 @@ impl Broker {
         Ok(b)
     }
 
+    /// The helpers of this type (produce, read, count…) for a broker on loopback that the
+    /// harness did not start, such as librdkafka's mock cluster; `addr` is `127.0.0.1:PORT`.
+    pub fn external(addr: &str) -> Result<Broker> {
+        let port = addr
+            .strip_prefix("127.0.0.1:")
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("not a loopback address: {addr}"))?;
+        Ok(Broker {
+            child: None,
+            port,
+            dir: tempfile::tempdir()?,
+            engine: Engine::External,
+        })
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -126,6 +143,7 @@ impl Broker {
             // Tansu resolves sqlite://PATH relative to its working directory.
             Engine::Sqlite => "sqlite://tansu.db".to_string(),
             Engine::Memory => "memory://tansu/".to_string(),
+            Engine::External => bail!("an external broker is not started by the harness"),
         };
         let log = std::fs::OpenOptions::new()
             .create(true)

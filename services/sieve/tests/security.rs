@@ -160,6 +160,10 @@ fn slow_clients_time_out_and_others_are_served() -> Result<()> {
         t.write_all(head.as_bytes())?;
         tricklers.push(t);
     }
+    // Both tricklers hold their slots before anyone else asks for one.
+    wait_for("the tricklers in flight", Duration::from_secs(10), || {
+        (ingest.svc.metric("sieve_ingest_requests_in_flight", &[])? >= 2.0).then_some(())
+    })?;
     let started = Instant::now();
     // With both request slots held by tricklers, a good request still gets an answer:
     // 429 while they hold them, 202 once they timed out; never a hang.
