@@ -211,7 +211,8 @@ def fanout(ctx):
     out = subprocess.run([REPO / "scripts/demo.sh"], cwd=REPO, env={**os.environ, **env},
                          capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"demo failed: {out.stderr[-800:]}")
+        raise RuntimeError(f"demo failed ({out.returncode}): {out.stdout[-1500:]}\n"
+                           f"stderr: {out.stderr[-800:]}")
     text = out.stdout
     m = re.search(r"fan-out to (\d+) followers in ([\d.]+) s \((\d+) recipients/s\)", text)
     p0 = re.search(r"P0 latency:\s+p50 <= (\S+) ms, p99 <= (\S+) ms", text)
