@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test sieve: libclang (RocksDB's bindings),
 # OpenSSL headers (librdkafka's TLS and SCRAM),
-# Prometheus (promtool checks the alert rules; the server scrapes the services in a test) and
-# the local broker (built once into ~/.cache/sieve). Safe to run again: it checks first.
+# Prometheus (promtool checks the alert rules; the server scrapes the services in a test), wrk,
+# GNU time and python3-venv (the benchmark runner) and the local broker (built once into ~/.cache/sieve). Safe to run again: it checks first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! dpkg -s libclang-dev >/dev/null 2>&1; then
@@ -19,5 +19,15 @@ if ! dpkg -s libssl-dev >/dev/null 2>&1 || ! command -v pkg-config >/dev/null 2>
   echo "setup: installing libssl-dev and pkg-config (librdkafka's TLS and SASL/SCRAM)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null
+fi
+if ! command -v wrk >/dev/null 2>&1 || [ ! -x /usr/bin/time ]; then
+  echo "setup: installing wrk and GNU time (the benchmark runner's load tool and RSS meter)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk time >/dev/null
+fi
+if ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then
+  echo "setup: installing python3-venv (the benchmark runner's venv)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 fi
 scripts/broker.sh install

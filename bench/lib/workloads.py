@@ -173,11 +173,31 @@ def stream_stages(ctx):
 
 
 def dedup_growth(ctx):
-    """Workload 6 (stream side): peak RSS of dedup and of the naive HashSet dedup as the
-    input grows 1x, 10x, 100x."""
-    runs = [bench_core(ctx, n, ["raw", "dedup", "naive-dedup"])
-            for n in ctx.sizes["dedup_growth"]]
+    """Workload 6 (stream side): peak RSS of `sieve dedup` in its own process as the input
+    grows 1x, 10x, 100x; beside it sieve-bench-core's in-process stages (raw, dedup, naive
+    HashSet dedup) for the rates, whose RSS also holds the harness's generated input."""
+    runs = []
+    for n in ctx.sizes["dedup_growth"]:
+        run = bench_core(ctx, n, ["raw", "dedup", "naive-dedup"])
+        run["process"] = dedup_process(ctx, n)
+        runs.append(run)
     return {"engine": Broker.engine, "runs": runs}
+
+
+def dedup_process(ctx, n):
+    """`sieve dedup` (default flags, 64 MiB state memory) as a child process on n generated
+    events (`ctl gen events`: 20 % retries, 1 % conflicts) until its lag is 0."""
+    work = Path(tempfile.mkdtemp(dir=ctx.work))
+    with Broker(ctx.sieve, work) as broker:
+        broker.ctl("gen", "events", "--count", str(n), "--topic", "events.raw")
+        new = int(subprocess.run([str(ctx.sieve), "ctl", "gen", "events", "--count", str(n),
+                                  "--summary"], capture_output=True, text=True,
+                                 check=True).stdout.split()[0])
+        secs, inst = run_group(ctx, broker, work, ["dedup"], 1, "events.raw", 3600)
+        out = broker.count("events.unique")
+    if out != new:
+        raise RuntimeError(f"growth: dedup wrote {out} records for {new} unique events")
+    return {"records": n, "unique": new, "seconds": secs, "records_per_s": n / secs, **inst[0]}
 
 
 def ingest(ctx):

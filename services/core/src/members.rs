@@ -149,10 +149,31 @@ pub fn active(reader: &BaseConsumer, group: &str) -> Result<Vec<Beacon>> {
         latest.insert(k.to_vec(), beacon.map(|b| (ts, b)));
         Ok(())
     })?;
+    let here = hostname();
     Ok(latest
         .into_values()
         .flatten()
-        .filter(|(ts, _)| *ts >= fresh_after)
+        .filter(|(ts, b)| *ts >= fresh_after && (b.host != here || process_alive(b.pid)))
         .map(|(_, b)| b)
         .collect())
+}
+
+/// Whether a process of this host runs: a SIGKILLed member cannot remove its beacon, and on
+/// its own host its absence shows at once rather than after `STALE_AFTER`.
+fn process_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_process_that_ended_is_not_alive() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
 }
