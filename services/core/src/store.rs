@@ -427,6 +427,7 @@ fn store_err(path: &Path, e: rocksdb::Error) -> CoreError {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_store_is_current_only_when_the_changelog_ends_with_its_last_commit() {
@@ -446,7 +447,6 @@ mod tests {
         assert_ne!(head.commit, local.commit);
         assert!(!local.is_current(Some(&head)));
     }
-    use super::*;
 
     #[test]
     fn batch_reads_its_own_writes_and_commits_atomically_with_meta() {
