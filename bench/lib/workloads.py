@@ -184,15 +184,21 @@ def dedup_growth(ctx):
     return {"engine": Broker.engine, "runs": runs}
 
 
+def gen_events(ctx, broker, n):
+    """n generated events (`ctl gen events`: 20 % retries, 1 % conflicts) on events.raw;
+    returns how many are unique."""
+    broker.ctl("gen", "events", "--count", str(n), "--topic", "events.raw")
+    return int(subprocess.run([str(ctx.sieve), "ctl", "gen", "events", "--count", str(n),
+                               "--summary"], capture_output=True, text=True,
+                              check=True).stdout.split()[0])
+
+
 def dedup_process(ctx, n):
     """`sieve dedup` (default flags, 64 MiB state memory) as a child process on n generated
     events (`ctl gen events`: 20 % retries, 1 % conflicts) until its lag is 0."""
     work = Path(tempfile.mkdtemp(dir=ctx.work))
     with Broker(ctx.sieve, work) as broker:
-        broker.ctl("gen", "events", "--count", str(n), "--topic", "events.raw")
-        new = int(subprocess.run([str(ctx.sieve), "ctl", "gen", "events", "--count", str(n),
-                                  "--summary"], capture_output=True, text=True,
-                                 check=True).stdout.split()[0])
+        new = gen_events(ctx, broker, n)
         secs, inst = run_group(ctx, broker, work, ["dedup"], 1, "events.raw", 3600)
         out = broker.count("events.unique")
     if out != new:
@@ -301,10 +307,7 @@ def scale_out(ctx):
     results = {"engine": Broker.engine, "records": n, "partitions": 8, "dedup": [],
                "antijoin": []}
     with Broker(ctx.sieve, work) as broker:
-        broker.ctl("gen", "events", "--count", str(n), "--topic", "events.raw")
-        new = int(subprocess.run([str(ctx.sieve), "ctl", "gen", "events", "--count", str(n),
-                                  "--summary"], capture_output=True, text=True,
-                                 check=True).stdout.split()[0])
+        new = gen_events(ctx, broker, n)
         users = work / "users"
         users.mkdir()
         for side, extra in (("legacy", ["--legacy", str(n)]), ("current", [])):

@@ -172,12 +172,11 @@ pub fn head_meta(
     if end <= 0 {
         return Ok(None);
     }
-    for from in [end - 1, hint.clamp(0, end - 1), 0] {
-        if let Some(m) = last_meta(reader, topic, partition, from, end)? {
+    // Disjoint ranges from the end backwards: each record is read at most once.
+    let hint = hint.clamp(0, end - 1);
+    for (from, to) in [(end - 1, end), (hint, end - 1), (0, hint)] {
+        if let Some(m) = last_meta(reader, topic, partition, from, to)? {
             return Ok(Some(m));
-        }
-        if from == 0 {
-            break;
         }
     }
     Ok(None)
