@@ -186,6 +186,21 @@ impl Broker {
         }
     }
 
+    /// Freezes the broker (SIGSTOP) for `d`, then lets it go on (SIGCONT): a broker that
+    /// stops answering without closing connections, like a long GC or disk stall.
+    pub fn freeze(&self, d: Duration) -> Result<()> {
+        let pid = self.child.as_ref().context("broker not running")?.id() as i32;
+        // SAFETY: signals to our own child's pid.
+        unsafe {
+            libc::kill(pid, libc::SIGSTOP);
+        }
+        std::thread::sleep(d);
+        unsafe {
+            libc::kill(pid, libc::SIGCONT);
+        }
+        Ok(())
+    }
+
     /// Start again on the same port and data.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();

@@ -347,6 +347,53 @@ fn injected_request_errors_and_an_outage_neither_lose_nor_duplicate() -> Result<
     assert_exactly_once_in_order(&s.broker.read_all(&s.output)?, n)
 }
 
+/// The broker freezes for longer than the session timeout, three times. The local broker then
+/// sometimes keeps the consumer's old member id as the group's leader, and the consumer
+/// rejoins forever without partitions (`group_watch`); the runtime must replace its consumer
+/// by itself: no harness restart here, same process throughout.
+#[test]
+fn a_broker_freeze_longer_than_the_session_is_survived_without_a_restart() -> Result<()> {
+    let s = Setup::new(4)?;
+    let step = 2_000;
+    s.produce(0, step, 100)?;
+    let mut svc = s.spawn_with(
+        "passthrough",
+        &s.state_dir("a"),
+        &["--group-stall-s", "10"],
+        &[],
+    )?;
+    let pid = svc.pid();
+    let wait = |n: usize, svc: &mut Service| {
+        wait_for(
+            &format!("{n} output records"),
+            Duration::from_secs(120),
+            || {
+                svc.exited()
+                    .map(|_| ())
+                    .or_else(|| (s.broker.count(&s.output).ok()? >= n as i64).then_some(()))
+            },
+        )
+    };
+    wait(step, &mut svc)?;
+    for round in 1..=3 {
+        // The tests' session timeout is 6 s.
+        s.broker.freeze(Duration::from_secs(10))?;
+        s.produce(round * step, step, 100)?;
+        wait((round + 1) * step, &mut svc)?;
+        ensure!(
+            svc.pid() == pid && svc.exited().is_none(),
+            "the service exited in round {round}:\n{}",
+            svc.log_tail(30)
+        );
+    }
+    let replaced = svc
+        .metric("sieve_errors_total", &["kind=\"group_stalled\""])
+        .unwrap_or(0.0);
+    eprintln!("consumer replaced {replaced} times in 3 freezes");
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+    assert_exactly_once_in_order(&s.broker.read_all(&s.output)?, 4 * step)
+}
+
 #[test]
 fn a_second_instance_takes_partitions_without_loss_or_duplicates() -> Result<()> {
     let s = Setup::new(8)?;

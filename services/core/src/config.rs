@@ -95,6 +95,10 @@ pub struct ServiceArgs {
     /// RocksDB memory of the whole process (block cache and memtables of every partition).
     #[arg(long, env = "SIEVE_STATE_MEMORY_MB", default_value_t = 64)]
     pub state_memory_mb: u64,
+    /// Seconds the consumer may stay outside its group (rejoining, no partitions) before it is
+    /// replaced by a fresh one (see `group_watch`); well above a normal rebalance.
+    #[arg(long, env = "SIEVE_GROUP_STALL_S", default_value_t = 60)]
+    pub group_stall_s: u64,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dlq;
 pub mod error;
 pub mod failpoint;
+pub mod group_watch;
 pub mod kafka;
 pub mod members;
 pub mod priority;

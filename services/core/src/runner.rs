@@ -36,6 +36,7 @@ use crate::changelog;
 use crate::config::{Guarantee, ServiceArgs};
 use crate::error::{CoreError, Result};
 use crate::failpoint;
+use crate::group_watch::GroupWatch;
 use crate::kafka::{retry_transient, Clients};
 use crate::priority::Scheduler;
 use crate::record::{Output, OutputId, ID_HEADER};
@@ -187,6 +188,7 @@ struct Engine<F: OperatorFactory> {
 
 struct RunnerContext<F: OperatorFactory> {
     engine: Arc<Mutex<Engine<F>>>,
+    watch: Arc<GroupWatch>,
 }
 
 fn lock<F: OperatorFactory>(m: &Mutex<Engine<F>>) -> MutexGuard<'_, Engine<F>> {
@@ -197,6 +199,9 @@ fn lock<F: OperatorFactory>(m: &Mutex<Engine<F>>) -> MutexGuard<'_, Engine<F>> {
 
 impl<F: OperatorFactory> ClientContext for RunnerContext<F> {
     fn stats(&self, stats: Statistics) {
+        if let Some(cgrp) = &stats.cgrp {
+            self.watch.observe(cgrp, Instant::now());
+        }
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
                 if *p >= 0 && s.desired && s.consumer_lag >= 0 {
@@ -1032,16 +1037,22 @@ pub fn run<F: OperatorFactory>(
     }));
     // Broadcast side tables are loaded to their end before any input is judged.
     lock(&engine).follow_side(&[])?;
-    let consumer = clients.consumer(
-        &args.group,
-        RunnerContext {
-            engine: engine.clone(),
-        },
-    )?;
-    let topics: Vec<&str> = inputs.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topics)
-        .map_err(|e| CoreError::kafka("subscribe", e))?;
+    let watch = Arc::new(GroupWatch::new(Duration::from_secs(args.group_stall_s)));
+    let subscribe = || -> Result<BaseConsumer<RunnerContext<F>>> {
+        let consumer = clients.consumer(
+            &args.group,
+            RunnerContext {
+                engine: engine.clone(),
+                watch: watch.clone(),
+            },
+        )?;
+        let topics: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| CoreError::kafka("subscribe", e))?;
+        Ok(consumer)
+    };
+    let mut consumer = subscribe()?;
     health.set_live(true);
     metrics::gauge!(names::PAUSED_PARTITIONS).set(0.0);
     metrics::gauge!(names::ASSIGNED_PARTITIONS).set(0.0);
@@ -1053,6 +1064,20 @@ pub fn run<F: OperatorFactory>(
     let result = loop {
         if shutdown.load(Ordering::SeqCst) {
             break Ok(());
+        }
+        if watch.stalled(Instant::now()) && lock(&engine).partitions.is_empty() {
+            tracing::warn!(
+                group = args.group,
+                stall_s = args.group_stall_s,
+                "never settled back into the consumer group: replacing the consumer"
+            );
+            metrics::counter!(names::ERRORS, "kind" => "group_stalled").increment(1);
+            match subscribe() {
+                // The old consumer closes (leaves the group) as it is dropped.
+                Ok(fresh) => drop(std::mem::replace(&mut consumer, fresh)),
+                Err(e) => break Err(e),
+            }
+            watch.reset();
         }
         if let Some(s) = scheduler.as_mut() {
             let assigned = lock(&engine).positions();

@@ -182,6 +182,7 @@ fn service_args(guarantee: Guarantee, dir: &std::path::Path) -> Result<ServiceAr
         batch_records: 5_000,
         batch_linger_ms: 50,
         state_memory_mb: 64,
+        group_stall_s: 60,
     })
 }
 
