@@ -202,14 +202,17 @@ impl<F: OperatorFactory> ClientContext for RunnerContext<F> {
         if let Some(cgrp) = &stats.cgrp {
             self.watch.observe(cgrp, Instant::now());
         }
+        let mut prefetched = 0;
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
                 if *p >= 0 && s.desired && s.consumer_lag >= 0 {
                     metrics::gauge!(names::CONSUMER_LAG, "topic" => topic.clone(), "partition" => p.to_string())
                         .set(s.consumer_lag as f64);
                 }
+                prefetched += s.fetchq_size;
             }
         }
+        metrics::gauge!(names::PREFETCH_BYTES).set(prefetched as f64);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {

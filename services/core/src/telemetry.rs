@@ -33,6 +33,7 @@ pub mod names {
     pub const RECORDS_SKIPPED: &str = "sieve_records_skipped_total";
     pub const BATCH_SECONDS: &str = "sieve_batch_seconds";
     pub const CONSUMER_LAG: &str = "sieve_consumer_lag";
+    pub const PREFETCH_BYTES: &str = "sieve_consumer_prefetch_bytes";
     pub const PAUSED_PARTITIONS: &str = "sieve_paused_partitions";
     pub const ASSIGNED_PARTITIONS: &str = "sieve_assigned_partitions";
     pub const STATE_BYTES: &str = "sieve_state_bytes";
@@ -78,6 +79,11 @@ fn describe() {
     describe_gauge!(
         CONSUMER_LAG,
         "Records between the consumer position and the end of the partition."
+    );
+    describe_gauge!(
+        PREFETCH_BYTES,
+        Unit::Bytes,
+        "Fetched input waiting in librdkafka's queues; fetching pauses at queued.max.messages.kbytes, which bounds it."
     );
     describe_gauge!(
         PAUSED_PARTITIONS,

@@ -102,14 +102,20 @@ fn idempotency_key_of(h: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(Some(String::from_utf8_lossy(v.as_bytes()).into_owned()))
 }
 
-async fn handle(
-    app: &Arc<App>,
-    name: &str,
-    h: &HeaderMap,
-    body: Body,
-) -> Result<Accepted, Problem> {
+/// What the headers alone decided: the request may send its body.
+struct Admitted<'a> {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    key: &'a ApiKey,
+    stream: &'a Stream,
+    format: body::Format,
+    gzip: bool,
+    idem: Option<String>,
+}
+
+/// Checks everything the headers decide, before the body is read.
+fn admit<'a>(app: &'a Arc<App>, name: &str, h: &HeaderMap) -> Result<Admitted<'a>, Problem> {
     // Bounds memory: at most this many bodies are held at once.
-    let _request = app
+    let slot = app
         .requests
         .clone()
         .try_acquire_owned()
@@ -133,9 +139,39 @@ async fn handle(
             format!("tenant {} may not write to stream {name}", key.tenant),
         ));
     }
-    let format = body::format_of(header_str(h, header::CONTENT_TYPE))?;
-    let gzip = body::is_gzip(header_str(h, header::CONTENT_ENCODING))?;
-    let idem = idempotency_key_of(h)?;
+    Ok(Admitted {
+        _slot: slot,
+        key,
+        stream,
+        format: body::format_of(header_str(h, header::CONTENT_TYPE))?,
+        gzip: body::is_gzip(header_str(h, header::CONTENT_ENCODING))?,
+        idem: idempotency_key_of(h)?,
+    })
+}
+
+async fn handle(
+    app: &Arc<App>,
+    name: &str,
+    h: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, Problem> {
+    let Admitted {
+        _slot,
+        key,
+        stream,
+        format,
+        gzip,
+        idem,
+    } = match admit(app, name, h) {
+        Ok(a) => a,
+        Err(p) => {
+            // Read what the client is still sending before answering: a socket closed with
+            // unread data is reset, and the client sees a broken pipe instead of this answer
+            // (measured under overload: 8 of 1 290 requests).
+            discard(body.into_data_stream(), app.limits.max_body_bytes).await;
+            return Err(p);
+        }
+    };
     let declared = header_str(h, header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > app.limits.max_body_bytes) {
         discard(body.into_data_stream(), app.limits.max_body_bytes).await;
