@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use chrono::{SecondsFormat, Utc};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use serde_json::json;
 use sieve_tests::{header_str, http_get, service_args, unique, wait_for, Broker, Service};
 
@@ -795,30 +795,42 @@ fn gateway_reports_count_once_and_failures_reach_the_dlq() -> Result<()> {
     Ok(())
 }
 
+/// Device tokens of `an_invalid_token_is_removed…`: distinctive, so a grep of the logs finds
+/// them wherever they leak.
+const DEAD: &str = "devtok-dead-91c7e2";
+const OLD: &str = "devtok-old-4be20f";
+const GOOD: &str = "devtok-good-07aa5d";
+const NEW: &str = "devtok-new-c3d9b1";
+
+/// Also the device-token leak check (issue 9): every service runs at debug level, a bad
+/// report carrying a token is dead-lettered, and afterwards no log line and no DLQ header
+/// holds a token.
 #[test]
 fn an_invalid_token_is_removed_and_stays_removed_after_state_loss() -> Result<()> {
     let s = Setup::new()?;
+    let debug = [("RUST_LOG", "debug")];
     let prefs =
         |tokens: &[&str]| json!({"last_active": now(), "device_tokens": tokens}).to_string();
     s.broker.produce(
         &s.t("prefs"),
-        [
-            ("erin", prefs(&["dead"])),
-            ("finn", prefs(&["old", "good"])),
-        ],
+        [("erin", prefs(&[DEAD])), ("finn", prefs(&[OLD, GOOD]))],
     )?;
-    let mut planner = s.spawn("planner", &[], &[])?;
-    let mut deliverer = s.spawn("deliver", &[], &[])?;
-    let mut fb = s.spawn("feedback", &[], &[])?;
+    let mut planner = s.spawn("planner", &[], &debug)?;
+    let mut deliverer = s.spawn("deliver", &[], &debug)?;
+    let mut fb = s.spawn("feedback", &[], &debug)?;
     let users = ["erin", "finn"];
     s.request(1, direct("t-1", 1, &users, &["push"]))?;
     wait_counts(&s, "t-1", "sent", 2, &mut [&mut planner, &mut deliverer])?;
     let invalid = [
-        report("erin", "t-1", "invalid_token", json!({"token": "dead"})),
-        report("finn", "t-1", "invalid_token", json!({"token": "old"})),
+        report("erin", "t-1", "invalid_token", json!({"token": DEAD})),
+        report("finn", "t-1", "invalid_token", json!({"token": OLD})),
     ];
-    s.broker
-        .produce(&s.t("feedback"), invalid.iter().chain(&invalid).cloned())?;
+    // A report the processor cannot use, with a token in it: dead-lettered.
+    let bad = report("erin", "t-1", "exploded", json!({"token": DEAD}));
+    s.broker.produce(
+        &s.t("feedback"),
+        invalid.iter().chain(&invalid).chain([&bad]).cloned(),
+    )?;
     wait_consumed(&s, "feedback", "feedback", &mut fb)?;
     assert_eq!(s.counts("t-1")?.get("invalid_token"), Some(&2));
     assert_eq!(
@@ -831,7 +843,13 @@ fn an_invalid_token_is_removed_and_stays_removed_after_state_loss() -> Result<()
         .compacted_view(&s.t("invalid_tokens"))?
         .into_keys()
         .collect();
-    assert_eq!(keys, [b"erin/dead".to_vec(), b"finn/old".to_vec()]);
+    assert_eq!(
+        keys,
+        [
+            format!("erin/{DEAD}").into_bytes(),
+            format!("finn/{OLD}").into_bytes()
+        ]
+    );
     // The deliverer follows the invalidations like preferences (2 of each).
     wait_for(
         "deliverer applied the invalidations",
@@ -855,23 +873,45 @@ fn an_invalid_token_is_removed_and_stays_removed_after_state_loss() -> Result<()
         Ok(())
     };
     next_push("t-2", &mut [&mut planner, &mut deliverer])?;
-    assert_eq!(pushed_tokens(&s, "t-2", "finn")?, [["good"]]);
+    assert_eq!(pushed_tokens(&s, "t-2", "finn")?, [[GOOD]]);
     // The user's app sends preferences that still list the dead tokens, and a new one: the
     // new one is used, the invalidated ones stay out. Then the deliverer loses its state.
     s.broker.produce(
         &s.t("prefs"),
-        [
-            ("erin", prefs(&["dead"])),
-            ("finn", prefs(&["old", "good", "new"])),
-        ],
+        [("erin", prefs(&[DEAD])), ("finn", prefs(&[OLD, GOOD, NEW]))],
     )?;
     assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    let first_deliverer_logs = deliverer.logs();
     std::fs::remove_dir_all(s.dir.path().join("deliver"))?;
-    let mut deliverer = s.spawn("deliver", &[], &[])?;
+    let mut deliverer = s.spawn("deliver", &[], &debug)?;
     next_push("t-3", &mut [&mut planner, &mut deliverer])?;
-    assert_eq!(pushed_tokens(&s, "t-3", "finn")?, [["good", "new"]]);
+    assert_eq!(pushed_tokens(&s, "t-3", "finn")?, [[GOOD, NEW]]);
     assert_eq!(fb.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    let dlq = s.read("dlq")?;
+    ensure!(!dlq.is_empty(), "the bad report was not dead-lettered");
+    for (name, logs) in [
+        ("planner", planner.logs()),
+        ("first deliverer", first_deliverer_logs),
+        ("deliverer", deliverer.logs()),
+        ("feedback", fb.logs()),
+    ] {
+        ensure!(logs.contains("processing"), "{name}: no log captured");
+        for token in [DEAD, OLD, GOOD, NEW] {
+            ensure!(
+                !logs.contains(token),
+                "{name}'s log holds device token {token}"
+            );
+        }
+    }
+    for m in &dlq {
+        for h in m.headers().iter().flat_map(|h| h.iter()) {
+            let value = String::from_utf8_lossy(h.value.unwrap_or_default());
+            for token in [DEAD, OLD, GOOD, NEW] {
+                ensure!(!value.contains(token), "DLQ header {} holds {token}", h.key);
+            }
+        }
+    }
     Ok(())
 }
