@@ -8,7 +8,7 @@ TOOLS="${SIEVE_CACHE:-$HOME/.cache/sieve}/tools"
 export PATH="$TOOLS/bin:$PATH"
 if ! command -v cargo-deny >/dev/null 2>&1; then
   echo "deny: installing cargo-deny into $TOOLS"
-  CARGO_TARGET_DIR="$TOOLS/target" cargo install cargo-deny --version 0.18.9 --locked --quiet \
+  CARGO_TARGET_DIR="$TOOLS/target" cargo install cargo-deny --version 0.20.2 --locked --quiet \
     --root "$TOOLS" -j "${CARGO_BUILD_JOBS:-2}"
   rm -rf "$TOOLS/target"
 fi
@@ -16,5 +16,5 @@ if timeout 120 cargo deny fetch db >/dev/null 2>&1; then
   cargo deny --log-level warn check
 else
   echo "deny: advisory database unreachable; checking licenses, bans and sources only"
-  cargo deny --log-level warn check --disable-fetch licenses bans sources
+  cargo deny --log-level warn check licenses bans sources
 fi
