@@ -482,11 +482,11 @@ impl Service {
         })
     }
 
-    /// Harness workaround for a local-broker bug: Tansu 0.6.0's group coordinator sometimes
-    /// leaves a member that joined right after another was SIGKILLed with an empty
-    /// assignment that never changes (ready, zero partitions; seen about once per full test
-    /// run, not reproducible alone), or never answers its join at all (subscribed, never
-    /// assigned; seen in the chaos test under the full suite's load). A member subscribed
+    /// Harness workaround for a local-broker bug: Tansu 0.6.0's group coordinator leaves a
+    /// member that joined while a SIGKILLed member's session still ran with an empty
+    /// assignment that never changes. The runtime now waits out a crashed process of its own
+    /// host before joining (`members::wait_after_crash`) and replaces a consumer that never
+    /// settles (`group_watch`); this restart remains the net for a member killed elsewhere. A member subscribed
     /// with no partitions for `stall` is restarted, as an orchestrator's liveness probe
     /// would; every test's exactly-once checks still apply to whatever it wrote. A member
     /// that is restoring, or has not subscribed yet, is never touched.

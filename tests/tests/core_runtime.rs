@@ -394,6 +394,49 @@ fn a_broker_freeze_longer_than_the_session_is_survived_without_a_restart() -> Re
     assert_exactly_once_in_order(&s.broker.read_all(&s.output)?, 4 * step)
 }
 
+/// A SIGKILLed service restarted at once on the same host gets its partitions back by itself:
+/// the local broker leaves a member that joins within the dead one's session with nothing,
+/// for good, so the runtime waits the session out first (`members::wait_after_crash`). No
+/// harness restart here.
+#[test]
+fn a_service_restarted_right_after_a_sigkill_gets_its_partitions_back() -> Result<()> {
+    let s = Setup::new(4)?;
+    let step = 2_000;
+    s.produce(0, step, 100)?;
+    let mut svc = s.spawn("passthrough", &s.state_dir("a"), &[])?;
+    let wait = |n: usize, svc: &mut Service| {
+        wait_for(
+            &format!("{n} output records"),
+            Duration::from_secs(90),
+            || {
+                svc.exited()
+                    .map(|_| ())
+                    .or_else(|| (s.broker.count(&s.output).ok()? >= n as i64).then_some(()))
+            },
+        )
+    };
+    wait(step, &mut svc)?;
+    // Let a beacon land, so the restart knows about the process it replaces.
+    std::thread::sleep(Duration::from_secs(6));
+    for round in 1..=2 {
+        svc.respawn()?;
+        s.produce(round * step, step, 100)?;
+        wait((round + 1) * step, &mut svc)?;
+        ensure!(
+            svc.exited().is_none(),
+            "exited in round {round}:\n{}",
+            svc.log_tail(30)
+        );
+        ensure!(
+            svc.logs()
+                .contains("an earlier process of this host crashed"),
+            "round {round}: the restart did not wait for the crashed member"
+        );
+    }
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
+    assert_exactly_once_in_order(&s.broker.read_all(&s.output)?, 3 * step)
+}
+
 #[test]
 fn a_second_instance_takes_partitions_without_loss_or_duplicates() -> Result<()> {
     let s = Setup::new(8)?;

@@ -74,6 +74,13 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+/// When this process started (ms since the epoch): a beacon of this host with this pid but an
+/// earlier start belongs to a crashed earlier incarnation (a container restarted in place).
+pub fn process_start_ms() -> i64 {
+    static START: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *START.get_or_init(now_ms)
+}
+
 /// Beats for `group` until `stop` resolves, then removes the beacon. Failures are logged,
 /// never fatal: beacons are advisory.
 pub async fn beat(
@@ -87,7 +94,7 @@ pub async fn beat(
         host: hostname(),
         pid: std::process::id(),
         metrics_addr: metrics_addr.to_string(),
-        since_ms: now_ms(),
+        since_ms: process_start_ms(),
     };
     let key = beacon.key();
     let setup = async {
@@ -131,15 +138,14 @@ pub async fn beat(
     }
 }
 
-/// Members of `group` whose latest beacon is fresh, as of the broker's end of the topic.
-pub fn active(reader: &BaseConsumer, group: &str) -> Result<Vec<Beacon>> {
+/// Every member's latest beacon with its record timestamp (ms), as of the broker's end of the
+/// topic; empty when no member ever beat.
+fn latest(reader: &BaseConsumer, group: &str) -> Result<Vec<(i64, Beacon)>> {
     let topic = topic(group);
     let (low, high) = match reader.fetch_watermarks(&topic, 0, Duration::from_secs(10)) {
         Ok(w) => w,
-        // No member ever ran with beacons.
         Err(_) => return Ok(Vec::new()),
     };
-    let fresh_after = now_ms() - STALE_AFTER.as_millis() as i64;
     let mut latest: BTreeMap<Vec<u8>, Option<(i64, Beacon)>> = BTreeMap::new();
     let from = (high - TAIL).max(low);
     changelog::read_range(reader, &topic, 0, from, high, STALE_AFTER, |m| {
@@ -149,13 +155,46 @@ pub fn active(reader: &BaseConsumer, group: &str) -> Result<Vec<Beacon>> {
         latest.insert(k.to_vec(), beacon.map(|b| (ts, b)));
         Ok(())
     })?;
+    Ok(latest.into_values().flatten().collect())
+}
+
+/// Members of `group` whose latest beacon is fresh, as of the broker's end of the topic.
+pub fn active(reader: &BaseConsumer, group: &str) -> Result<Vec<Beacon>> {
+    let fresh_after = now_ms() - STALE_AFTER.as_millis() as i64;
     let here = hostname();
-    Ok(latest
-        .into_values()
-        .flatten()
+    Ok(latest(reader, group)?
+        .into_iter()
         .filter(|(ts, b)| *ts >= fresh_after && (b.host != here || process_alive(b.pid)))
         .map(|(_, b)| b)
         .collect())
+}
+
+/// How long to wait before joining `group` so that an earlier process of this host that
+/// crashed (it left a beacon and no tombstone) has surely been dropped from the group: its
+/// last beat plus a beat interval plus the session timeout. The local broker (Tansu 0.6) gives a member that joins
+/// while the dead one's session still runs an empty assignment that never changes (measured:
+/// over 160 s); joining after the session expired gets every partition at once. On Apache
+/// Kafka the dead member's partitions move only after its session anyway, so the wait costs
+/// nothing there.
+pub fn wait_after_crash(
+    reader: &BaseConsumer,
+    group: &str,
+    session: Duration,
+) -> Result<Option<Duration>> {
+    let (here, me, started) = (hostname(), std::process::id(), process_start_ms());
+    let last_crashed = latest(reader, group)?
+        .into_iter()
+        .filter(|(_, b)| {
+            b.host == here && (!process_alive(b.pid) || (b.pid == me && b.since_ms < started))
+        })
+        .map(|(ts, _)| ts)
+        .max();
+    // It may have lived up to one beat interval after its last beacon.
+    let after_last_beat = (INTERVAL + session).as_millis() as i64 + 1_000;
+    Ok(last_crashed
+        .map(|ts| ts + after_last_beat - now_ms())
+        .filter(|ms| *ms > 0)
+        .map(|ms| Duration::from_millis(ms as u64)))
 }
 
 /// Whether a process of this host runs: a SIGKILLed member cannot remove its beacon, and on

@@ -1055,6 +1055,23 @@ pub fn run<F: OperatorFactory>(
             .map_err(|e| CoreError::kafka("subscribe", e))?;
         Ok(consumer)
     };
+    let session = clients
+        .consumer_config(&args.group)
+        .get("session.timeout.ms")
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(45));
+    let crashed = crate::members::wait_after_crash(&lock(&engine).reader, &args.group, session);
+    if let Ok(Some(wait)) = crashed {
+        tracing::info!(
+            wait_ms = wait.as_millis() as u64,
+            "an earlier process of this host crashed: joining the group once its session expired"
+        );
+        let until = Instant::now() + wait;
+        while Instant::now() < until && !shutdown.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let mut consumer = subscribe()?;
     health.set_live(true);
     metrics::gauge!(names::PAUSED_PARTITIONS).set(0.0);

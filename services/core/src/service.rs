@@ -72,6 +72,7 @@ pub fn run_processor<F: OperatorFactory>(
         },
     ))?;
     let clients = Clients::new(kafka.clone());
+    members::process_start_ms();
     let (beacon_stop, beacon_rx) = tokio::sync::oneshot::channel::<()>();
     let beacon = rt.spawn(members::beat(
         clients.clone(),
