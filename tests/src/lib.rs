@@ -522,6 +522,11 @@ impl Service {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Peak resident memory of the running process so far, in MiB.
+    pub fn peak_rss_mib(&self) -> Option<u64> {
+        proc_status_kb(self.pid()?, "VmHWM").map(|kb| kb / 1024)
+    }
+
     /// SIGKILL: no cleanup, like a crash or an OOM kill.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -643,6 +648,18 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
         Err(ureq::Error::Status(code, r)) => Some((code, r.into_string().unwrap_or_default())),
         Err(_) => None,
     }
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`…).
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Sum of the samples of `name` whose label set contains every one of `labels`.

@@ -99,6 +99,20 @@ impl Setup {
         ensure!(last_err.is_empty(), "{last_err}");
         Ok(())
     }
+
+    /// Waits for `n` output records, or the service's exit, with no harness restart: for what
+    /// the runtime must survive by itself.
+    fn wait_output_unaided(&self, n: usize, svc: &mut Service) -> Result<()> {
+        wait_for(
+            &format!("{n} output records"),
+            Duration::from_secs(120),
+            || {
+                svc.exited()
+                    .map(|_| ())
+                    .or_else(|| (self.broker.count(&self.output).ok()? >= n as i64).then_some(()))
+            },
+        )
+    }
 }
 
 /// Asserts the output holds exactly the values `0..n` once each, each key's values in order.
@@ -363,23 +377,12 @@ fn a_broker_freeze_longer_than_the_session_is_survived_without_a_restart() -> Re
         &[],
     )?;
     let pid = svc.pid();
-    let wait = |n: usize, svc: &mut Service| {
-        wait_for(
-            &format!("{n} output records"),
-            Duration::from_secs(120),
-            || {
-                svc.exited()
-                    .map(|_| ())
-                    .or_else(|| (s.broker.count(&s.output).ok()? >= n as i64).then_some(()))
-            },
-        )
-    };
-    wait(step, &mut svc)?;
+    s.wait_output_unaided(step, &mut svc)?;
     for round in 1..=3 {
         // The tests' session timeout is 6 s.
         s.broker.freeze(Duration::from_secs(10))?;
         s.produce(round * step, step, 100)?;
-        wait((round + 1) * step, &mut svc)?;
+        s.wait_output_unaided((round + 1) * step, &mut svc)?;
         ensure!(
             svc.pid() == pid && svc.exited().is_none(),
             "the service exited in round {round}:\n{}",
@@ -404,24 +407,13 @@ fn a_service_restarted_right_after_a_sigkill_gets_its_partitions_back() -> Resul
     let step = 2_000;
     s.produce(0, step, 100)?;
     let mut svc = s.spawn("passthrough", &s.state_dir("a"), &[])?;
-    let wait = |n: usize, svc: &mut Service| {
-        wait_for(
-            &format!("{n} output records"),
-            Duration::from_secs(90),
-            || {
-                svc.exited()
-                    .map(|_| ())
-                    .or_else(|| (s.broker.count(&s.output).ok()? >= n as i64).then_some(()))
-            },
-        )
-    };
-    wait(step, &mut svc)?;
+    s.wait_output_unaided(step, &mut svc)?;
     // Let a beacon land, so the restart knows about the process it replaces.
     std::thread::sleep(Duration::from_secs(6));
     for round in 1..=2 {
         svc.respawn()?;
         s.produce(round * step, step, 100)?;
-        wait((round + 1) * step, &mut svc)?;
+        s.wait_output_unaided((round + 1) * step, &mut svc)?;
         ensure!(
             svc.exited().is_none(),
             "exited in round {round}:\n{}",

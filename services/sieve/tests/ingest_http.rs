@@ -579,16 +579,9 @@ fn overload_gets_429_and_every_202_is_on_the_topic() -> Result<()> {
         "answered 202 but not on the topic: {missing:?}"
     );
     // Memory stayed bounded (bodies are capped by --max-requests × --max-body-bytes).
-    let pid = ingest.svc.pid().context("pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let hwm_kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    eprintln!("ingest peak RSS {} MiB", hwm_kb / 1024);
-    ensure!(hwm_kb < 300 * 1024, "peak RSS {hwm_kb} kB");
+    let peak = ingest.svc.peak_rss_mib().context("ingest peak RSS")?;
+    eprintln!("ingest peak RSS {peak} MiB");
+    ensure!(peak < 300, "peak RSS {peak} MiB");
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use common::Pipeline;
 use ingest_common::{post, Ingest, KEY};
-use sieve_tests::{header_str, metric_value, unique, wait_for, Service, TestRecord};
+use sieve_tests::{header_str, metric_value, proc_status_kb, unique, wait_for, TestRecord};
 
 const BATCH: usize = 100;
 const OVERLOAD: Duration = Duration::from_secs(60);
@@ -107,18 +107,6 @@ fn drive(url: &str, phase: &str, threads: usize, rate: Option<f64>, dur: Duratio
         .unwrap_or_default()
 }
 
-fn rss_mib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024)
-}
-
 #[derive(Default, Debug)]
 struct Peaks {
     ingest_rss: u64,
@@ -136,7 +124,9 @@ fn sample(
     std::thread::spawn(move || {
         let mut p = Peaks::default();
         while !stop.load(Ordering::SeqCst) {
-            p.ingest_rss = p.ingest_rss.max(rss_mib(ingest).unwrap_or(0));
+            p.ingest_rss = p
+                .ingest_rss
+                .max(proc_status_kb(ingest, "VmRSS").unwrap_or(0) / 1024);
             if let Some(body) =
                 sieve_tests::http_get(&format!("http://127.0.0.1:{dedup_metrics}/metrics"))
                     .map(|(_, b)| b)
@@ -152,18 +142,6 @@ fn sample(
         }
         p
     })
-}
-
-fn dedup_rss_peak(svc: &Service) -> Result<u64> {
-    let pid = svc.pid().context("dedup pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    Ok(kb / 1024)
 }
 
 #[test]
@@ -248,7 +226,7 @@ fn twice_the_capacity_for_a_minute_sheds_stays_bounded_and_loses_nothing() -> Re
     let peaks = sampler
         .join()
         .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
-    let dedup_peak = dedup_rss_peak(&dedup)?;
+    let dedup_peak = dedup.peak_rss_mib().context("dedup peak RSS")?;
     let offered = 2.0 * capacity * OVERLOAD.as_secs_f64();
     eprintln!(
         "overload: capacity {capacity:.0} records/s; offered {offered:.0} in {}s, accepted {} \
