@@ -408,8 +408,11 @@ fn a_service_restarted_right_after_a_sigkill_gets_its_partitions_back() -> Resul
     s.produce(0, step, 100)?;
     let mut svc = s.spawn("passthrough", &s.state_dir("a"), &[])?;
     s.wait_output_unaided(step, &mut svc)?;
-    // Let a beacon land, so the restart knows about the process it replaces.
-    std::thread::sleep(Duration::from_secs(6));
+    // The restart learns about the process it replaces from its member beacon.
+    let beacons = format!("{}.members", s.group);
+    wait_for("a member beacon", Duration::from_secs(30), || {
+        (s.broker.count(&beacons).ok()? >= 1).then_some(())
+    })?;
     for round in 1..=2 {
         svc.respawn()?;
         s.produce(round * step, step, 100)?;
