@@ -486,9 +486,9 @@ impl Service {
     /// member that joined while a SIGKILLed member's session still ran with an empty
     /// assignment that never changes. The runtime now waits out a crashed process of its own
     /// host before joining (`members::wait_after_crash`) and replaces a consumer that never
-    /// settles (`group_watch`); this restart remains the net for a member killed elsewhere. A member subscribed
-    /// with no partitions for `stall` is restarted, as an orchestrator's liveness probe
-    /// would; every test's exactly-once checks still apply to whatever it wrote. A member
+    /// settles (`group_watch`); this restart remains the net for a member killed elsewhere.
+    /// A member subscribed with no partitions for `stall` is restarted, as an orchestrator's
+    /// liveness probe would; every test's exactly-once checks still apply to whatever it wrote. A member
     /// that is restoring, or has not subscribed yet, is never touched.
     pub fn restart_if_unassigned(&mut self, stall: Duration) -> Result<bool> {
         // The gauge exists from the subscription on; before it, the member is starting.
@@ -686,4 +686,14 @@ pub fn metric_value(body: &str, name: &str, labels: &[&str]) -> Option<f64> {
 /// Header value as UTF-8.
 pub fn header_str(m: &OwnedMessage, name: &str) -> Option<String> {
     sieve_core::record::header(m, name).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The first header of `msgs`, as `name=value`, whose name or value holds one of `secrets`.
+pub fn header_leak(msgs: &[OwnedMessage], secrets: &[&str]) -> Option<String> {
+    use rdkafka::message::Headers;
+    msgs.iter()
+        .flat_map(|m| m.headers().into_iter().flat_map(|h| h.iter()))
+        .map(|h| (h.key, String::from_utf8_lossy(h.value.unwrap_or_default())))
+        .find(|(k, v)| secrets.iter().any(|s| k.contains(s) || v.contains(s)))
+        .map(|(k, v)| format!("{k}={v}"))
 }

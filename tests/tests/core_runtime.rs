@@ -409,7 +409,7 @@ fn a_service_restarted_right_after_a_sigkill_gets_its_partitions_back() -> Resul
     let mut svc = s.spawn("passthrough", &s.state_dir("a"), &[])?;
     s.wait_output_unaided(step, &mut svc)?;
     // The restart learns about the process it replaces from its member beacon.
-    let beacons = format!("{}.members", s.group);
+    let beacons = sieve_core::members::topic(&s.group);
     wait_for("a member beacon", Duration::from_secs(30), || {
         (s.broker.count(&beacons).ok()? >= 1).then_some(())
     })?;

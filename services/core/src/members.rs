@@ -171,9 +171,10 @@ pub fn active(reader: &BaseConsumer, group: &str) -> Result<Vec<Beacon>> {
 
 /// How long to wait before joining `group` so that an earlier process of this host that
 /// crashed (it left a beacon and no tombstone) has surely been dropped from the group: its
-/// last beat plus a beat interval plus the session timeout. The local broker (Tansu 0.6) gives a member that joins
-/// while the dead one's session still runs an empty assignment that never changes (measured:
-/// over 160 s); joining after the session expired gets every partition at once. On Apache
+/// last beat plus a beat interval plus the session timeout. The local broker (Tansu 0.6)
+/// gives a member that joins while the dead one's session still runs an empty assignment
+/// that never changes (measured: over 160 s); joining after the session expired gets every
+/// partition at once. On Apache
 /// Kafka the dead member's partitions move only after its session anyway, so the wait costs
 /// nothing there.
 pub fn wait_after_crash(

@@ -1061,8 +1061,13 @@ pub fn run<F: OperatorFactory>(
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis)
         .unwrap_or(Duration::from_secs(45));
-    let crashed = crate::members::wait_after_crash(&lock(&engine).reader, &args.group, session);
-    if let Ok(Some(wait)) = crashed {
+    let crashed = crate::members::wait_after_crash(&lock(&engine).reader, &args.group, session)
+        .unwrap_or_else(|e| {
+            // Beacons are advisory: without them the group is joined at once.
+            tracing::warn!(error = %e, "member beacons unreadable; joining without waiting");
+            None
+        });
+    if let Some(wait) = crashed {
         tracing::info!(
             wait_ms = wait.as_millis() as u64,
             "an earlier process of this host crashed: joining the group once its session expired"

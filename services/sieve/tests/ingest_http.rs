@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use ingest_common::{ensure_status, post, Ingest, Resp, KEY, KEY_LIMITED, KEY_RESTRICTED};
+use ingest_common::{ensure_status, event, post, Ingest, Resp, KEY, KEY_LIMITED, KEY_RESTRICTED};
 use rdkafka::message::Message;
 use serde::Deserialize;
 use sieve_tests::{header_str, unique, wait_for, Broker};
@@ -68,10 +68,6 @@ key_field = "/user_id"
             self.events, self.plain, self.users, self.plain, self.users
         )
     }
-}
-
-fn event(id: &str) -> String {
-    format!(r#"{{"event_id":"{id}","user_id":"u-{id}","type":"purchase","amount_cents":100}}"#)
 }
 
 fn accepted(r: &Resp) -> Vec<serde_json::Value> {

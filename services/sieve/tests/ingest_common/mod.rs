@@ -28,6 +28,11 @@ pub fn keys_toml() -> String {
     )
 }
 
+/// One valid `events` record (event.schema.json) with this id.
+pub fn event(id: &str) -> String {
+    format!(r#"{{"event_id":"{id}","user_id":"u-{id}","type":"purchase","amount_cents":100}}"#)
+}
+
 /// A running `sieve ingest serve`.
 pub struct Ingest {
     pub svc: Service,
