@@ -377,7 +377,9 @@ SOAK_BATCH = 20_000
 
 def soak_run(ctx, broker, work, dedup, base, seconds):
     """Produces rounds of base (each with its own ids, so dedup's state keeps growing) for
-    seconds while a thread samples RSS, then waits for dedup to catch up."""
+    seconds while a thread samples RSS, then waits for dedup to catch up. A round is produced
+    only once dedup is less than a round behind: a soak measures steady state, and a producer
+    running flat out would only measure a growing backlog."""
     broker_pid = int((work / "broker/pid").read_text())
     samples, rounds = [], 0
     start = time.monotonic()
@@ -388,7 +390,8 @@ def soak_run(ctx, broker, work, dedup, base, seconds):
             _, rss, _ = proc_stat(dedup.pid)
             _, brss, _ = proc_stat(broker_pid)
             samples.append({"t": time.monotonic() - start, "dedup_rss_mib": rss,
-                            "broker_rss_mib": brss, "rounds_produced": rounds})
+                            "broker_rss_mib": brss, "rounds_produced": rounds,
+                            "lag": broker.lag("soak", "events.raw")})
             stop.wait(max(1.0, seconds / 120))
 
     sampler = threading.Thread(target=sample)
@@ -400,6 +403,8 @@ def soak_run(ctx, broker, work, dedup, base, seconds):
             text = base.replace('"evt-', f'"evt-r{rounds}-')
             subprocess.run(produce, input=text, text=True, check=True, capture_output=True)
             rounds += 1
+            wait_until("soak lag under a round", 300,
+                       lambda: (broker.lag("soak", "events.raw") or 0) < SOAK_BATCH)
         wait_until("soak lag 0", 1800, lambda: broker.lag("soak", "events.raw") == 0)
     finally:
         stop.set()

@@ -38,7 +38,7 @@ use crate::kafka::Clients;
 use crate::runner::{
     commit_logged, send_changelog_group, settle_changelog, Ctx, Operator, OperatorFactory,
 };
-use crate::store::{Changes, PartitionMeta, PartitionStore};
+use crate::store::{bucket_of, Changes, PartitionMeta, PartitionStore};
 use crate::telemetry::names;
 
 /// Prefix of the commit metadata that marks a requested replay.
@@ -142,9 +142,11 @@ impl Replay {
             // its place in it.
             side_pos: meta.side_pos.clone(),
             replays: meta.replays.clone(),
+            // The wipe tombstones the packs of every bucket it drops.
+            packs: meta.packs.clone(),
             ..Default::default()
         };
-        wipe_changelog(io, &store, &fresh)?;
+        wipe_changelog(io, &store, &mut fresh)?;
         let path = store.path().to_path_buf();
         drop(store);
         PartitionStore::destroy(&path)?;
@@ -265,12 +267,16 @@ static EMPTY: BTreeMap<String, Request> = BTreeMap::new();
 
 /// Sends, as changelog groups, a drop for every time bucket and a tombstone for every other
 /// key of `store`, so that a restore from the changelog ends with nothing of it.
-fn wipe_changelog(io: &Io<'_>, store: &PartitionStore, meta: &PartitionMeta) -> Result<()> {
+fn wipe_changelog(io: &Io<'_>, store: &PartitionStore, meta: &mut PartitionMeta) -> Result<()> {
     let tp = (io.topic.to_string(), io.partition);
     let mut pending = Vec::new();
     let mut changes = Changes::default();
     for bucket in store.buckets() {
         changes.drop_bucket(&bucket);
+    }
+    // Packs of a bucket this store lacks would otherwise never be tombstoned.
+    for bucket in meta.packs.keys().filter_map(|cf| bucket_of(cf)) {
+        changes.drop_bucket(bucket);
     }
     for cf in store.state_cfs() {
         store.for_each_prefix(&cf, b"", |k, _| {

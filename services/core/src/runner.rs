@@ -933,9 +933,10 @@ pub(crate) fn commit_logged(
     failpoint: &str,
 ) -> Result<Vec<DeliveryFuture>> {
     meta.new_commit();
+    let entries = changelog::encode(changes, meta)?;
     store.commit(changes, meta)?;
     failpoint::hit(failpoint);
-    send_changelog_group(producer, group, tp, changes, meta)
+    send_changelog_entries(producer, group, tp, &entries)
 }
 
 /// Queues the changelog group of one batch of input partition `tp`: its changes, then its
@@ -945,10 +946,20 @@ pub(crate) fn send_changelog_group(
     group: &str,
     tp: &Tp,
     changes: &Changes,
-    meta: &PartitionMeta,
+    meta: &mut PartitionMeta,
+) -> Result<Vec<DeliveryFuture>> {
+    let entries = changelog::encode(changes, meta)?;
+    send_changelog_entries(producer, group, tp, &entries)
+}
+
+fn send_changelog_entries(
+    producer: &FutureProducer,
+    group: &str,
+    tp: &Tp,
+    entries: &[changelog::Entry],
 ) -> Result<Vec<DeliveryFuture>> {
     let topic = changelog::topic_name(group, &tp.0);
-    changelog::encode(changes, meta)?
+    entries
         .iter()
         .map(|(k, v)| {
             let mut rec = FutureRecord::<[u8], [u8]>::to(&topic)

@@ -54,6 +54,10 @@ pub struct PartitionMeta {
     /// [`PartitionMeta::is_current`]). 0 for a store that never sent a group.
     #[serde(default)]
     pub commit: u64,
+    /// Per time-bucket column family, how many changelog packs hold its writes (their keys
+    /// are numbered from 0): the tombstones its drop must send (see `changelog.rs`).
+    #[serde(default)]
+    pub packs: BTreeMap<String, u64>,
 }
 
 impl PartitionMeta {
@@ -146,6 +150,12 @@ impl Changes {
 /// Column family name of a time bucket.
 pub fn bucket_cf(bucket: &str) -> String {
     format!("{BUCKET_PREFIX}{bucket}")
+}
+
+/// The bucket whose column family `cf` is, if it is one: written while its time is live,
+/// then dropped whole.
+pub fn bucket_of(cf: &str) -> Option<&str> {
+    cf.strip_prefix(BUCKET_PREFIX)
 }
 
 /// RocksDB memory shared by every store of the process: one block cache, and memtables
@@ -346,7 +356,7 @@ impl PartitionStore {
         let mut names: Vec<String> = DB::list_cf(&opts, &self.path)
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|n| n.strip_prefix(BUCKET_PREFIX).map(str::to_string))
+            .filter_map(|n| bucket_of(&n).map(str::to_string))
             .filter(|n| self.db.cf_handle(&bucket_cf(n)).is_some())
             .collect();
         names.sort();
@@ -359,7 +369,7 @@ impl PartitionStore {
         DB::list_cf(&Options::default(), &self.path)
             .unwrap_or_default()
             .into_iter()
-            .filter(|n| n != META_CF && n != LOCAL_CF && !n.starts_with(BUCKET_PREFIX))
+            .filter(|n| n != META_CF && n != LOCAL_CF && bucket_of(n).is_none())
             .filter(|n| self.db.cf_handle(n).is_some())
             .collect()
     }

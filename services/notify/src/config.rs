@@ -75,6 +75,11 @@ pub struct DelivererArgs {
     /// go out when no task arrives.
     #[arg(long, env = "SIEVE_NOTIFY_TICK", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tick: Duration,
+    /// A notification goes out at most this long after its `created_at` (later: `expired`,
+    /// reason `delivery_window`); its no-second-send keys are kept this long, then dropped
+    /// in time buckets, so the deliverer's state does not grow with every fan-out ever sent.
+    #[arg(long, env = "SIEVE_NOTIFY_DELIVERY_WINDOW", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub delivery_window: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

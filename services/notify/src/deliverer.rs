@@ -4,12 +4,17 @@
 //!
 //! Its clock is the task record's timestamp, so re-processing after a crash decides as the
 //! first attempt did. State (one partition's users only, see `planner.rs`):
-//! - `d/<notification>\0<user>\0<channel>`: decided, so a redelivered task never sends twice;
+//! - `d/<notification>\0<user>\0<channel>` in the time bucket of the notification's
+//!   `created_at`: decided, so a redelivered task never sends twice. A notification older
+//!   than `--delivery-window` (against the partition's clock, the highest task time seen,
+//!   `w`) is expired without a look, so its bucket can be dropped: the buckets of a window
+//!   are all that is kept, and they reach the changelog packed, not one record per recipient;
 //! - `r/<user>\0<channel>`: the token bucket;
 //! - `q/<due ms>/<notification>\0<user>\0<channel>`: P3 deliveries deferred by quiet hours,
 //!   released by the first task or clock tick of the partition at or after their due time;
 //! - `c/<notification>`: counts by status, served at `GET /v1/notifications/{id}` (`counts.rs`).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -19,7 +24,7 @@ use sieve_core::dlq::dead_letter;
 use sieve_core::record::Output;
 use sieve_core::runner::{Ctx, Operator};
 use sieve_core::side::KvTable;
-use sieve_core::store::DEFAULT_CF;
+use sieve_core::store::{bucket_cf, PartitionStore, DEFAULT_CF};
 use sieve_core::Result;
 
 use crate::config::DelivererArgs;
@@ -35,6 +40,9 @@ pub const CONTROL_PREFIX: &str = "k/";
 /// `t/<user>\0<token>`: a device token a gateway reported invalid (`feedback.rs`).
 pub const INVALID_TOKEN_PREFIX: &str = "t/";
 const DEFERRED_PREFIX: &[u8] = b"q/";
+const CLOCK_KEY: &[u8] = b"w";
+/// Buckets per delivery window: a dropped bucket frees an eighth of the no-second-send keys.
+const BUCKETS_PER_WINDOW: i64 = 8;
 
 /// Users-table writes for one `users.prefs`, `sieve.control` or `users.invalid_tokens`
 /// record: preferences under `p/<user>`, kill switches under `k/<key>`, invalid tokens under
@@ -73,6 +81,10 @@ fn invalid_token_write(key: &[u8], value: Option<Vec<u8>>) -> Vec<(Vec<u8>, Opti
     }
 }
 
+fn bucket_name(id: i64) -> String {
+    format!("{id:020}")
+}
+
 pub fn pair_key(prefix: &str, parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.as_bytes().to_vec();
     for (i, p) in parts.iter().enumerate() {
@@ -96,21 +108,64 @@ pub struct Deliverer {
     users: KvTable,
     partition: i32,
     board: CountsBoard,
+    /// The partition's clock: the highest task time seen (ms), stored under `w`.
+    clock: i64,
+    window_ms: i64,
+    bucket_ms: i64,
+    /// Ids of the live decided buckets (`created_at / bucket_ms`).
+    buckets: BTreeSet<i64>,
 }
 
 impl Deliverer {
-    pub fn new(
+    pub fn open(
         cfg: Arc<DelivererArgs>,
         users: KvTable,
         partition: i32,
         board: CountsBoard,
-    ) -> Self {
-        Deliverer {
-            cfg,
+        store: &PartitionStore,
+    ) -> Result<Self> {
+        let clock = store
+            .get(&Default::default(), DEFAULT_CF, CLOCK_KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(i64::MIN, i64::from_be_bytes);
+        let window_ms = i64::try_from(cfg.delivery_window.as_millis()).unwrap_or(i64::MAX);
+        Ok(Deliverer {
             users,
             partition,
             board,
+            clock,
+            window_ms,
+            bucket_ms: (window_ms / BUCKETS_PER_WINDOW).max(1),
+            buckets: store
+                .buckets()
+                .iter()
+                .filter_map(|b| b.parse().ok())
+                .collect(),
+            cfg,
+        })
+    }
+
+    /// Advances the partition's clock to `now_ms` and drops the decided buckets whose every
+    /// notification is now past the delivery window.
+    fn advance_clock(&mut self, now_ms: i64, ctx: &mut Ctx<'_>) {
+        if now_ms <= self.clock {
+            return;
         }
+        self.clock = now_ms;
+        ctx.put(DEFAULT_CF, CLOCK_KEY, &now_ms.to_be_bytes());
+        let horizon = self.horizon();
+        while let Some(&id) = self.buckets.first() {
+            if id.saturating_add(1).saturating_mul(self.bucket_ms) > horizon {
+                break;
+            }
+            self.buckets.remove(&id);
+            ctx.drop_bucket(&bucket_name(id));
+        }
+    }
+
+    /// Notifications created before this are past the delivery window.
+    fn horizon(&self) -> i64 {
+        self.clock.saturating_sub(self.window_ms)
     }
 
     fn cancelled(&self, n: &Notification) -> Result<bool> {
@@ -163,7 +218,7 @@ impl Deliverer {
     /// Decides one recipient and channel, emitting its delivery record if it is sent.
     #[allow(clippy::too_many_arguments)]
     fn one(
-        &self,
+        &mut self,
         n: &Notification,
         user: &str,
         channel: Channel,
@@ -172,22 +227,29 @@ impl Deliverer {
         ctx: &mut Ctx<'_>,
         counts: &mut Counts,
     ) -> Result<()> {
+        let created_ms = n.created_at.timestamp_millis();
+        if created_ms < self.horizon() {
+            return outcome(counts, n, "expired", "delivery_window");
+        }
+        let bucket = created_ms.div_euclid(self.bucket_ms);
+        let decided_cf = bucket_cf(&bucket_name(bucket));
         let decided = pair_key("d/", &[&n.notification_id, user, channel.name()]);
-        if ctx.get(DEFAULT_CF, &decided)?.is_some() {
+        if ctx.get(&decided_cf, &decided)?.is_some() {
             return outcome(counts, n, "duplicate", "");
         }
+        self.buckets.insert(bucket);
         if cancelled {
-            ctx.put(DEFAULT_CF, &decided, b"");
+            ctx.put(&decided_cf, &decided, b"");
             return outcome(counts, n, "cancelled", "kill_switch");
         }
         let prefs = self.prefs(user)?;
         let badge_only = match decide(n, channel, &prefs, now) {
             Decision::Expired => {
-                ctx.put(DEFAULT_CF, &decided, b"");
+                ctx.put(&decided_cf, &decided, b"");
                 return outcome(counts, n, "expired", "");
             }
             Decision::Suppress(reason) => {
-                ctx.put(DEFAULT_CF, &decided, b"");
+                ctx.put(&decided_cf, &decided, b"");
                 return outcome(counts, n, "suppressed", reason);
             }
             Decision::Defer(due) => {
@@ -213,11 +275,11 @@ impl Deliverer {
             let allowed = bucket.take(per_hour, now_ms);
             ctx.put(DEFAULT_CF, &key, &to_json(&bucket)?);
             if !allowed {
-                ctx.put(DEFAULT_CF, &decided, b"");
+                ctx.put(&decided_cf, &decided, b"");
                 return outcome(counts, n, "suppressed", "rate_limited");
             }
         }
-        ctx.put(DEFAULT_CF, &decided, b"");
+        ctx.put(&decided_cf, &decided, b"");
         let delivery = Delivery {
             notification_id: n.notification_id.clone(),
             user_id: user.to_string(),
@@ -270,7 +332,7 @@ impl Deliverer {
     }
 
     /// Delivers deferred entries due at `now`.
-    fn release_due(&self, now: DateTime<Utc>, ctx: &mut Ctx<'_>) -> Result<()> {
+    fn release_due(&mut self, now: DateTime<Utc>, ctx: &mut Ctx<'_>) -> Result<()> {
         let now_ms = now.timestamp_millis();
         let mut due = Vec::new();
         ctx.store()
@@ -332,6 +394,7 @@ impl Operator for Deliverer {
             .timestamp_millis_opt(now_ms)
             .single()
             .unwrap_or_else(Utc::now);
+        self.advance_clock(now_ms, ctx);
         self.release_due(now, ctx)?;
         let parsed = rec.payload().map(serde_json::from_slice::<TaskRecord>);
         let task = match parsed {

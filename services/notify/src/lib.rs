@@ -164,12 +164,13 @@ impl OperatorFactory for DelivererFactory {
 
     fn open(&self, _topic: &str, partition: i32, store: &PartitionStore) -> Result<Deliverer> {
         self.board.load(partition, store)?;
-        Ok(Deliverer::new(
+        Deliverer::open(
             self.cfg.clone(),
             self.users.clone(),
             partition,
             self.board.clone(),
-        ))
+            store,
+        )
     }
 
     fn side_table(&mut self) -> Option<&mut dyn SideTable> {

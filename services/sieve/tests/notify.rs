@@ -9,6 +9,7 @@ use anyhow::{ensure, Context, Result};
 use chrono::{SecondsFormat, Utc};
 use rdkafka::message::{Message, OwnedMessage};
 use serde_json::json;
+use sieve_core::store::PartitionStore;
 use sieve_tests::{
     header_leak, header_str, http_get, service_args, unique, wait_for, Broker, Service,
 };
@@ -488,6 +489,73 @@ fn sigkill_of_the_deliverer_never_sends_twice() -> Result<()> {
             "{channel}: a recipient got two records"
         );
         assert_eq!(d.len() as u64, followers, "{channel}: every follower once");
+    }
+    Ok(())
+}
+
+#[test]
+fn past_its_delivery_window_a_notification_expires_and_its_no_resend_keys_are_dropped() -> Result<()>
+{
+    let s = Setup::new()?;
+    let users = ["w1", "w2", "w3"];
+    let mut planner = s.spawn("planner", &[], &[])?;
+    let mut deliverer = s.spawn("deliver", &["--delivery-window", "3s"], &[])?;
+    let first = direct("win-1", 1, &users, &["inapp"]);
+    s.request(1, first.clone())?;
+    wait_counts(&s, "win-1", "sent", 3, &mut [&mut planner, &mut deliverer])?;
+    let created =
+        chrono::DateTime::parse_from_rfc3339(first["created_at"].as_str().unwrap_or_default())?;
+    wait_for(
+        "the delivery window passed",
+        Duration::from_secs(30),
+        || {
+            (Utc::now() - created.with_timezone(&Utc) > chrono::Duration::milliseconds(4_500))
+                .then_some(())
+        },
+    )?;
+    // The same request again: its no-resend keys are past the window, and so is it.
+    s.request(1, first)?;
+    let counts = wait_counts(
+        &s,
+        "win-1",
+        "expired:delivery_window",
+        3,
+        &mut [&mut planner, &mut deliverer],
+    )?;
+    assert_eq!(counts.get("sent"), Some(&3), "{counts:?}");
+    assert_eq!(counts.get("duplicate"), None, "{counts:?}");
+    // A fresh notification still goes out, and the clock it brings drops the old bucket.
+    s.request(1, direct("win-2", 1, &users, &["inapp"]))?;
+    wait_counts(&s, "win-2", "sent", 3, &mut [&mut planner, &mut deliverer])?;
+    assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
+    let mut delivered = s.deliveries("inapp")?;
+    delivered.sort();
+    let expected: Vec<(String, String)> = ["win-1", "win-2"]
+        .iter()
+        .flat_map(|n| users.iter().map(|u| (n.to_string(), u.to_string())))
+        .collect();
+    assert_eq!(delivered, expected, "each notification once per user");
+    // Every partition's store keeps only buckets younger than the window.
+    let oldest_live = (created.timestamp_millis() + 4_500) / (3_000 / 8);
+    let state = s
+        .dir
+        .path()
+        .join("deliver")
+        .join(format!("{}-deliver", s.ns));
+    let mut live = Vec::new();
+    for p in 0..4 {
+        let path = state.join(format!("{}-{p}", s.t("tasks.p1")));
+        if path.exists() {
+            live.extend(PartitionStore::open(&path)?.buckets());
+        }
+    }
+    ensure!(!live.is_empty(), "win-2's bucket is missing: {live:?}");
+    for b in &live {
+        ensure!(
+            b.parse::<i64>()? >= oldest_live - 1,
+            "bucket {b} outlived the window (oldest live {oldest_live}): {live:?}"
+        );
     }
     Ok(())
 }
