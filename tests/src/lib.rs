@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use futures::future::join_all;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use sieve_core::config::KafkaArgs;
 use sieve_core::kafka::Clients;
 
@@ -227,22 +227,20 @@ impl Broker {
         Ok(())
     }
 
-    /// Produces `(key, value)` records, waiting until every one is acknowledged.
+    /// A producer to keep for many sends (see [`TestProducer`]).
+    pub fn producer(&self) -> Result<TestProducer> {
+        Ok(TestProducer(self.clients().producer()?))
+    }
+
+    /// Produces `(key, value)` records with a fresh producer, waiting until every one is
+    /// acknowledged.
     pub fn produce<I, K, V>(&self, topic: &str, records: I) -> Result<usize>
     where
         I: IntoIterator<Item = (K, V)>,
         K: AsRef<[u8]>,
         V: AsRef<[u8]>,
     {
-        let records: Vec<(K, V)> = records.into_iter().collect();
-        self.produce_records(
-            topic,
-            records.iter().map(|(k, v)| TestRecord {
-                key: k.as_ref(),
-                value: v.as_ref(),
-                ..Default::default()
-            }),
-        )
+        self.producer()?.produce(topic, records)
     }
 
     /// Produces records with headers and, when given, explicit timestamps (ms).
@@ -250,36 +248,7 @@ impl Broker {
     where
         I: IntoIterator<Item = TestRecord<'a>>,
     {
-        let producer = self.clients().producer()?;
-        let mut pending = Vec::new();
-        let mut n = 0;
-        for r in records {
-            let mut h = OwnedHeaders::new();
-            for (k, v) in &r.headers {
-                h = h.insert(Header {
-                    key: k,
-                    value: Some(*v),
-                });
-            }
-            let mut rec = FutureRecord::to(topic)
-                .key(r.key)
-                .payload(r.value)
-                .headers(h);
-            if let Some(ts) = r.timestamp_ms {
-                rec = rec.timestamp(ts);
-            }
-            pending.push(
-                producer
-                    .send_result(rec)
-                    .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?,
-            );
-            n += 1;
-            if pending.len() >= 50_000 {
-                settle(&mut pending)?;
-            }
-        }
-        settle(&mut pending)?;
-        Ok(n)
+        self.producer()?.produce_records(topic, records)
     }
 
     /// Produces keyed changes in order: a value, or a tombstone (no payload) for `None`.
@@ -405,6 +374,68 @@ fn add_header_index(db: &Path) -> Result<()> {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// One producer for many sends. A fresh producer stamps its first records before it has
+/// connected and obtained a producer id; a latency measured from those stamps would count
+/// the test's own start-up.
+pub struct TestProducer(FutureProducer);
+
+impl TestProducer {
+    /// Produces `(key, value)` records, waiting until every one is acknowledged.
+    pub fn produce<I, K, V>(&self, topic: &str, records: I) -> Result<usize>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let records: Vec<(K, V)> = records.into_iter().collect();
+        self.produce_records(
+            topic,
+            records.iter().map(|(k, v)| TestRecord {
+                key: k.as_ref(),
+                value: v.as_ref(),
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// Produces records with headers and, when given, explicit timestamps (ms).
+    pub fn produce_records<'a, I>(&self, topic: &str, records: I) -> Result<usize>
+    where
+        I: IntoIterator<Item = TestRecord<'a>>,
+    {
+        let producer = &self.0;
+        let mut pending = Vec::new();
+        let mut n = 0;
+        for r in records {
+            let mut h = OwnedHeaders::new();
+            for (k, v) in &r.headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(*v),
+                });
+            }
+            let mut rec = FutureRecord::to(topic)
+                .key(r.key)
+                .payload(r.value)
+                .headers(h);
+            if let Some(ts) = r.timestamp_ms {
+                rec = rec.timestamp(ts);
+            }
+            pending.push(
+                producer
+                    .send_result(rec)
+                    .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?,
+            );
+            n += 1;
+            if pending.len() >= 50_000 {
+                settle(&mut pending)?;
+            }
+        }
+        settle(&mut pending)?;
+        Ok(n)
     }
 }
 

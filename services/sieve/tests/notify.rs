@@ -12,6 +12,7 @@ use serde_json::json;
 use sieve_core::store::PartitionStore;
 use sieve_tests::{
     header_leak, header_str, http_get, service_args, unique, wait_for, Broker, Service,
+    TestProducer,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
@@ -215,6 +216,41 @@ fn pushed_tokens(s: &Setup, id: &str, user: &str) -> Result<Vec<Vec<String>>> {
         .collect())
 }
 
+/// Sends `n` P0 codes to alice in one produce call with a long-lived producer, as a client
+/// service would (a fresh producer per request took long enough to connect that a fast
+/// fan-out could finish before the last code was even sent); returns their creation times.
+fn send_codes(
+    s: &Setup,
+    producer: &TestProducer,
+    prefix: &str,
+    n: usize,
+) -> Result<BTreeMap<String, i64>> {
+    let mut sent_at = BTreeMap::new();
+    let mut requests = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let body = direct(&id, 0, &["alice"], &["push"]);
+        let created = body["created_at"].as_str().unwrap_or_default();
+        let created = chrono::DateTime::parse_from_rfc3339(created)?.timestamp_millis();
+        sent_at.insert(id.clone(), created);
+        requests.push((id, body.to_string()));
+    }
+    producer.produce(&s.t("requests.p0"), requests)?;
+    Ok(sent_at)
+}
+
+/// Milliseconds from creation to the record on `topic`, for each notification of `sent_at`.
+fn since(s: &Setup, topic: &str, sent_at: &BTreeMap<String, i64>) -> Result<Vec<i64>> {
+    Ok(s.read(topic)?
+        .iter()
+        .filter_map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
+            let at = sent_at.get(v["notification_id"].as_str()?)?;
+            Some(m.timestamp().to_millis()? - at)
+        })
+        .collect())
+}
+
 fn percentile(v: &mut [i64], p: f64) -> i64 {
     v.sort();
     let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len().max(1)) - 1;
@@ -289,46 +325,33 @@ fn p0_overtakes_a_200k_fan_out() -> Result<()> {
         .produce(&s.t("prefs"), [("alice", active_prefs())])?;
     let mut planner = s.spawn("planner", &[], &[])?;
     let mut deliverer = s.spawn("deliver", &["--tasks-per-batch", "1"], &[])?;
+    // The baseline: the same P0 path with nothing else queued, once both services are up
+    // (a first code goes through the group joins and warms the producer).
+    let delivered = |n: i64| {
+        wait_for(
+            &format!("{n} P0 delivered"),
+            Duration::from_secs(120),
+            || (s.broker.count(&s.t("out.push")).ok()? >= n).then_some(()),
+        )
+    };
+    let producer = s.broker.producer()?;
+    send_codes(&s, &producer, "warm", 1)?;
+    delivered(1)?;
+    let idle_sent = send_codes(&s, &producer, "idle", 10)?;
+    delivered(11)?;
+    let mut idle = since(&s, "out.push", &idle_sent)?;
+    let mut idle_planned = since(&s, "tasks.p0", &idle_sent)?;
     s.request(2, fan_out("post-1", "celebrity", &["inapp"]))?;
     // Wait until the fan-out is flowing, then send P0 codes while it is.
     wait_for("fan-out started", Duration::from_secs(120), || {
         (s.broker.count(&s.t("out.inapp")).ok()? > 10_000).then_some(())
     })?;
     let codes = 20;
-    let mut sent_at = BTreeMap::new();
-    for i in 0..codes {
-        let id = format!("2fa-{i}");
-        let body = direct(&id, 0, &["alice"], &["push"]);
-        sent_at.insert(
-            id,
-            chrono::DateTime::parse_from_rfc3339(body["created_at"].as_str().unwrap_or_default())?
-                .timestamp_millis(),
-        );
-        s.request(0, body)?;
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    wait_for("every P0 delivered", Duration::from_secs(120), || {
-        (s.broker.count(&s.t("out.push")).ok()? >= codes).then_some(())
-    })?;
-    let mut latencies: Vec<i64> = s
-        .read("out.push")?
-        .iter()
-        .filter_map(|m| {
-            let v: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
-            let at = sent_at.get(v["notification_id"].as_str()?)?;
-            Some(m.timestamp().to_millis()? - at)
-        })
-        .collect();
+    let sent_at = send_codes(&s, &producer, "2fa", codes)?;
+    delivered(11 + codes as i64)?;
+    let mut latencies = since(&s, "out.push", &sent_at)?;
     // The planner's share: request to task.
-    let mut planned: Vec<i64> = s
-        .read("tasks.p0")?
-        .iter()
-        .filter_map(|m| {
-            let v: serde_json::Value = serde_json::from_slice(m.payload()?).ok()?;
-            let at = sent_at.get(v["notification_id"].as_str()?)?;
-            Some(m.timestamp().to_millis()? - at)
-        })
-        .collect();
+    let mut planned = since(&s, "tasks.p0", &sent_at)?;
     let (p50, p99) = (
         percentile(&mut latencies, 0.5),
         percentile(&mut latencies, 0.99),
@@ -347,20 +370,31 @@ fn p0_overtakes_a_200k_fan_out() -> Result<()> {
         &mut [&mut planner, &mut deliverer],
     )?;
     // Where the fan-out stood when the last P0 went out, from the outputs' own timestamps.
-    let fan_out_when_p0_done = s
+    let fan_out_times: Vec<i64> = s
         .read("out.inapp")?
         .iter()
-        .filter(|m| m.timestamp().to_millis().is_some_and(|t| t <= last_p0))
-        .count();
+        .filter_map(|m| m.timestamp().to_millis())
+        .collect();
+    let fan_out_when_p0_done = fan_out_times.iter().filter(|t| **t <= last_p0).count();
+    let fan_out_ms =
+        fan_out_times.iter().max().unwrap_or(&0) - fan_out_times.iter().min().unwrap_or(&0);
+    eprintln!(
+        "P0 latency with nothing queued: p50 {} ms, p99 {} ms (request to task: p50 {} ms)",
+        percentile(&mut idle, 0.5),
+        percentile(&mut idle, 0.99),
+        percentile(&mut idle_planned, 0.5)
+    );
     eprintln!(
         "P0 latency during a {followers}-recipient fan-out: p50 {p50} ms, p99 {p99} ms \
-         (request to task: p50 {} ms, p99 {} ms); fan-out at {fan_out_when_p0_done} when the last P0 went out",
+         (request to task: p50 {} ms, p99 {} ms); fan-out at {fan_out_when_p0_done} when the \
+         last P0 went out; fan-out delivered in {fan_out_ms} ms",
         percentile(&mut planned, 0.5),
         percentile(&mut planned, 0.99)
     );
     assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(deliverer.terminate(Duration::from_secs(30))?, 0);
-    assert_eq!(latencies.len(), codes as usize);
+    assert_eq!(latencies.len(), codes);
+    assert_eq!(idle.len(), 10);
     ensure!(
         fan_out_when_p0_done < followers as usize,
         "the P0 codes must be delivered while the fan-out is still running"
