@@ -30,6 +30,8 @@ impl KeyError {
 /// The key at `pointer` in the JSON document `bytes`. The whole document is validated, but
 /// only the value at the pointer is built: every other member is skipped as it is read
 /// (building a `serde_json::Value` of each record was the file anti-join's largest cost).
+/// Skipping is iterative, so nesting outside the pointer's path is not limited (a full parse
+/// stops at 128 levels); along the path serde_json's limit applies.
 pub fn extract(bytes: &[u8], pointer: &str) -> Result<Vec<u8>, KeyError> {
     let bad = |e: &dyn std::fmt::Display| KeyError::BadJson(e.to_string());
     // Checked up front so that skipped strings are valid UTF-8 too, as in a full parse.
@@ -217,6 +219,22 @@ mod tests {
         assert_eq!(extract(b"{nope", "/id").unwrap_err().reason(), "bad_json");
         assert_eq!(
             extract(b"\xff\xfe", "/id").unwrap_err().reason(),
+            "bad_json"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_beside_the_key_is_skipped_without_recursion() {
+        let depth = 200_000;
+        let doc = format!(
+            r#"{{"deep":{}{},"id":"k"}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        assert_eq!(extract(doc.as_bytes(), "/id").unwrap(), b"k");
+        let open = format!(r#"{{"id":"k","deep":{}}}"#, "[".repeat(depth));
+        assert_eq!(
+            extract(open.as_bytes(), "/id").unwrap_err().reason(),
             "bad_json"
         );
     }
