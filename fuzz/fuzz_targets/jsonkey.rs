@@ -13,10 +13,6 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let full = serde_json::from_slice::<serde_json::Value>(doc);
-    // extract skips nesting off the pointer's path without serde_json's depth limit.
-    if matches!(&full, Err(e) if e.to_string().starts_with("recursion limit exceeded")) {
-        return;
-    }
     match jsonkey::extract(doc, pointer) {
         // A key is what the document holds there: a string's bytes or a number's text.
         Ok(key) => {
