@@ -174,9 +174,8 @@ pub fn active(reader: &BaseConsumer, group: &str) -> Result<Vec<Beacon>> {
 /// last beat plus a beat interval plus the session timeout. The local broker (Tansu 0.6)
 /// gives a member that joins while the dead one's session still runs an empty assignment
 /// that never changes (measured: over 160 s); joining after the session expired gets every
-/// partition at once. On Apache
-/// Kafka the dead member's partitions move only after its session anyway, so the wait costs
-/// nothing there.
+/// partition at once. On Apache Kafka the dead member's partitions move only after its
+/// session anyway, so the wait costs nothing there.
 pub fn wait_after_crash(
     reader: &BaseConsumer,
     group: &str,

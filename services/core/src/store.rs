@@ -152,6 +152,17 @@ pub fn bucket_cf(bucket: &str) -> String {
     format!("{BUCKET_PREFIX}{bucket}")
 }
 
+/// Name of the bucket with numeric id `id` (a time window's number), fixed width so that
+/// the names of non-negative ids sort as the ids do.
+pub fn bucket_name(id: i64) -> String {
+    format!("{id:020}")
+}
+
+/// A big-endian i64 as operators store them (watermarks, clocks, hashes).
+pub fn i64_of(v: &[u8]) -> Option<i64> {
+    <[u8; 8]>::try_from(v).ok().map(i64::from_be_bytes)
+}
+
 /// The bucket whose column family `cf` is, if it is one: written while its time is live,
 /// then dropped whole.
 pub fn bucket_of(cf: &str) -> Option<&str> {

@@ -15,7 +15,7 @@ use sieve_core::dlq::dead_letter;
 use sieve_core::jsonkey;
 use sieve_core::record::{header, Output};
 use sieve_core::runner::{Ctx, Operator};
-use sieve_core::store::{bucket_cf, PartitionStore, DEFAULT_CF};
+use sieve_core::store::{bucket_cf, bucket_name, i64_of, PartitionStore, DEFAULT_CF};
 use sieve_core::Result;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -68,14 +68,6 @@ pub fn idempotency_key(
         return Err(KeyError::TooLong(key.len(), cfg.max_key_bytes));
     }
     Ok(key)
-}
-
-fn bucket_name(id: i64) -> String {
-    format!("{id:020}")
-}
-
-fn i64_of(v: &[u8]) -> Option<i64> {
-    <[u8; 8]>::try_from(v).ok().map(i64::from_be_bytes)
 }
 
 struct Bucket {

@@ -24,7 +24,7 @@ use sieve_core::dlq::dead_letter;
 use sieve_core::record::Output;
 use sieve_core::runner::{Ctx, Operator};
 use sieve_core::side::KvTable;
-use sieve_core::store::{bucket_cf, PartitionStore, DEFAULT_CF};
+use sieve_core::store::{bucket_cf, bucket_name, i64_of, PartitionStore, DEFAULT_CF};
 use sieve_core::Result;
 
 use crate::config::DelivererArgs;
@@ -81,10 +81,6 @@ fn invalid_token_write(key: &[u8], value: Option<Vec<u8>>) -> Vec<(Vec<u8>, Opti
     }
 }
 
-fn bucket_name(id: i64) -> String {
-    format!("{id:020}")
-}
-
 pub fn pair_key(prefix: &str, parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.as_bytes().to_vec();
     for (i, p) in parts.iter().enumerate() {
@@ -126,8 +122,9 @@ impl Deliverer {
     ) -> Result<Self> {
         let clock = store
             .get(&Default::default(), DEFAULT_CF, CLOCK_KEY)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map_or(i64::MIN, i64::from_be_bytes);
+            .as_deref()
+            .and_then(i64_of)
+            .unwrap_or(i64::MIN);
         let window_ms = i64::try_from(cfg.delivery_window.as_millis()).unwrap_or(i64::MAX);
         Ok(Deliverer {
             users,

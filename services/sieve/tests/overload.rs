@@ -2,7 +2,8 @@
 //! twice their measured capacity for 60 s. Ingest must shed with 429 (Retry-After) instead of
 //! queueing without bound, dedup must fall behind with bounded memory instead of reading
 //! ahead, both processes must stay inside their configured memory, and afterwards the lag
-//! must drain with every accepted event in `unique` exactly once. Runs alone (`.config/nextest.toml`): it loads both cores.
+//! must drain with every accepted event in `unique` exactly once. Runs alone
+//! (`.config/nextest.toml`): it loads both cores.
 
 mod common;
 mod ingest_common;
