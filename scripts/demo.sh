@@ -48,12 +48,16 @@ metric() { # metric ADDR NAME [LABELS]: sum of the samples of NAME whose labels 
   curl -s "http://$1/metrics" | awk -v n="$2" -v l="${3:-}" '
     ($1 == n || index($1, n "{") == 1) && index($1, l) > 0 { s += $2 } END { printf "%d", s }'
 }
-quantile_ms() { # quantile_ms ADDR NAME LABELS Q: upper bound (ms) of the histogram bucket holding quantile Q
-  curl -s "http://$1/metrics" | awk -v n="$2_bucket{" -v l="$3" -v q="$4" '
-    index($1, n) == 1 && index($1, l) > 0 {
-      match($1, /le="[^"]*"/); les[++k] = substr($1, RSTART + 4, RLENGTH - 5); cs[k] = $2 }
+buckets() { # buckets ADDR NAME LABELS: "le count" for each bucket of histogram NAME
+  curl -s "http://$1/metrics" | awk -v n="$2_bucket{" -v l="$3" '
+    index($1, n) == 1 && index($1, l) > 0 { match($1, /le="[^"]*"/); print substr($1, RSTART + 4, RLENGTH - 5), $2 }'
+}
+quantile_ms() { # quantile_ms Q AFTER BEFORE: upper bound (ms) of the bucket holding quantile Q
+  # of the samples recorded between two `buckets` outputs
+  awk -v q="$1" 'NR == FNR { before[$1] = $2; next } { les[++k] = $1; cs[k] = $2 - before[$1] }
     END { for (i = 1; i <= k; i++) if (cs[i] >= q * cs[k]) {
-            if (les[i] == "+Inf") printf "over 10000"; else printf "%d", les[i] * 1000; exit } }'
+            if (les[i] == "+Inf") printf "over 10000"; else printf "%d", les[i] * 1000; exit } }' \
+    <(echo "$3") <(echo "$2")
 }
 count() { "$SIEVE" ctl topics count --brokers "$BROKERS" --topic "$@"; }
 lag() { "$SIEVE" ctl lag --brokers "$BROKERS" --group "$1" --topic "$2" --total 2>/dev/null || echo 1; }
@@ -127,20 +131,35 @@ missing_keys=$(count antijoin.out --distinct-keys)
 file_keys=$(wc -l <"$WORK/missing-keys.ndjson")
 
 # 3. Notify ---------------------------------------------------------------------------------
+# P0 codes go through one producer started before the fan-out, as a service that sends them
+# keeps its producer: a fresh one pays its connection set-up (an idempotent producer's id is a
+# broker write, queued behind the fan-out's) inside the measured latency. A first code warms
+# it; the latencies reported are those recorded after it.
+code() { echo "{\"notification_id\":\"2fa-$1\",\"priority\":0,\"category\":\"security\",\"template\":\"2fa_code\",\"channels\":[\"push\"],\"created_at\":\"$(now)\",\"audience\":[\"alice\"]}"; }
+p0_sent() { metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="0",status="sent"'; }
+mkfifo "$WORK/p0.fifo"
+produce notify.requests.p0 /notification_id <"$WORK/p0.fifo" &
+P0_PRODUCER=$!
+exec 3>"$WORK/p0.fifo"
+code warm >&3
+until [ "$(p0_sent)" -ge 1 ]; do sleep 0.2; done
+p0_before=$(buckets "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"')
 started=$(date +%s%N)
 echo "{\"notification_id\":\"post-1\",\"priority\":2,\"category\":\"social\",\"template\":\"new_post\",\"channels\":[\"inapp\"],\"created_at\":\"$(now)\",\"author_id\":\"celebrity\",\"audience\":{\"followers_of\":\"celebrity\"}}" |
   produce notify.requests.p2 /notification_id
 until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')" -gt 5000 ]; do sleep 0.2; done
 echo "demo: fan-out under way; sending 10 P0 2FA codes to alice"
 for i in $(seq 1 10); do
-  echo "{\"notification_id\":\"2fa-$i\",\"priority\":0,\"category\":\"security\",\"template\":\"2fa_code\",\"channels\":[\"push\"],\"created_at\":\"$(now)\",\"audience\":[\"alice\"]}" |
-    produce notify.requests.p0 /notification_id 2>/dev/null
+  code "$i" >&3
   sleep 0.1
 done
-until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="0",status="sent"')" -ge 10 ]; do sleep 0.2; done
+exec 3>&-
+wait "$P0_PRODUCER"
+until [ "$(p0_sent)" -ge 11 ]; do sleep 0.2; done
 fanout_at_p0=$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')
-p0_p50=$(quantile_ms "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"' 0.5)
-p0_p99=$(quantile_ms "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"' 0.99)
+p0_after=$(buckets "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"')
+p0_p50=$(quantile_ms 0.5 "$p0_after" "$p0_before")
+p0_p99=$(quantile_ms 0.99 "$p0_after" "$p0_before")
 until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')" -ge "$FOLLOWERS" ]; do sleep 0.5; done
 fanout_ms=$(ms_since "$started")
 counts=$(curl -s "http://$M_DELIVER/v1/notifications/post-1")

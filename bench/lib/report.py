@@ -216,6 +216,11 @@ class Report:
                        [["recipients/s", fmt(doc["recipients_per_s"]), "100 000",
                          fmt(doc["recipients_per_s"] / 100_000, 2)],
                         ["fan-out seconds", fmt(doc["seconds"], 1), "", ""],
+                        *([["raw produce of as many records, records/s (the broker's ceiling)",
+                            fmt(doc["raw_produce_per_s"]), "", ""],
+                           ["recipients/s ÷ raw produce", fmt(doc["recipients_per_s"]
+                                                              / doc["raw_produce_per_s"], 2),
+                            "", ""]] if doc.get("raw_produce_per_s") else []),
                         ["P0 p50 (ms, ≤)", fmt(doc["p0_p50_ms_le"]), "", ""],
                         ["P0 p99 (ms, ≤)", fmt(doc["p0_p99_ms_le"]), "1 000",
                          fmt(ratio(doc["p0_p99_ms_le"], 1000), 2)]]), "")

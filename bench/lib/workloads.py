@@ -246,11 +246,28 @@ def fanout(ctx):
     if not (m and p0 and at):
         raise RuntimeError(f"demo summary not understood: {text[-800:]}")
     as_ms = lambda s: None if s == "over" else float(s)
+    raw = raw_produce_rate(ctx, followers, "notify.out.inapp")
     return {"engine": Broker.engine, "followers": int(m.group(1)), "seconds": float(m.group(2)),
+            "raw_produce_per_s": raw,
             "recipients_per_s": int(m.group(3)), "p0_codes": 10,
             "p0_p50_ms_le": as_ms(p0.group(1)), "p0_p99_ms_le": as_ms(p0.group(2)),
             "fanout_sent_when_p0_done": int(at.group(1)),
             "note": "P0 quantiles are histogram bucket upper bounds (created_at to decision)"}
+
+
+def raw_produce_rate(ctx, n, topic):
+    """The broker's ceiling for the fan-out's writes: n records produced by plain librdkafka
+    (`ctl gen events`, one header as every sieve output has its id header) to `topic` of a
+    fresh broker of the same engine; records/s."""
+    work = Path(tempfile.mkdtemp(dir=ctx.work))
+    with Broker(ctx.sieve, work) as broker:
+        start = time.monotonic()
+        broker.ctl("gen", "events", "--count", str(n), "--retry-rate", "0", "--conflict-rate",
+                   "0", "--topic", topic)
+        secs = time.monotonic() - start
+        if broker.count(topic) != n:
+            raise RuntimeError(f"raw produce: {broker.count(topic)} of {n} records landed")
+    return n / secs
 
 
 def spawn(ctx, broker, work, *args):

@@ -147,7 +147,8 @@ pub fn metrics() -> Result<PrometheusHandle> {
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
             &[
-                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0,
+                10.0,
             ],
         )
         .map_err(|e| CoreError::Config(format!("metrics buckets: {e}")))?
