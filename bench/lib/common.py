@@ -15,6 +15,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/sieve/target"))
 
+# Workload 6's bounded series: budgets the inputs outgrow from the smallest size on.
+BOUNDED_FILES = "sieve antijoin files, 4 MiB budget"
+BOUNDED_DEDUP_MB = 16
+BOUNDED_DEDUP = f"sieve dedup, {BOUNDED_DEDUP_MB} MiB state memory (process)"
+
 
 def log(msg):
     print(f"bench: {msg}", file=sys.stderr, flush=True)

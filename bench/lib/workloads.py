@@ -13,8 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from common import (REPO, Broker, free_port, log, markdown_rows, number, proc_stat, timed,
-                    wait_until)
+from common import (BOUNDED_DEDUP_MB, BOUNDED_FILES, REPO, Broker, free_port, log,
+                    markdown_rows, number, proc_stat, timed, wait_until)
 
 SIZES = {
     "short": {
@@ -118,7 +118,11 @@ def antijoin_files(ctx):
                              nd[1], "--out", o, "--quiet"]),
                  ("sieve antijoin files", "json array",
                   lambda o: [str(ctx.sieve), "antijoin", "files", "--left", arr[0], "--right",
-                             arr[1], "--out", o, "--quiet"])]
+                             arr[1], "--out", o, "--quiet"]),
+                 # Workload 6's bound: a budget the right side outgrows from 1x on.
+                 (BOUNDED_FILES, "ndjson",
+                  lambda o: [str(ctx.sieve), "antijoin", "files", "--left", nd[0], "--right",
+                             nd[1], "--out", o, "--quiet", "--memory-budget-mb", "4"])]
         if duck:
             tools.append(("DuckDB NOT EXISTS over read_ndjson", "ndjson",
                           lambda o: [sys.executable, "-c", DUCKDB, *nd, o]))
@@ -180,6 +184,7 @@ def dedup_growth(ctx):
     for n in ctx.sizes["dedup_growth"]:
         run = bench_core(ctx, n, ["raw", "dedup", "naive-dedup"])
         run["process"] = dedup_process(ctx, n)
+        run["process_bounded"] = dedup_process(ctx, n, BOUNDED_DEDUP_MB)
         runs.append(run)
     return {"engine": Broker.engine, "runs": runs}
 
@@ -193,13 +198,14 @@ def gen_events(ctx, broker, n):
                               check=True).stdout.split()[0])
 
 
-def dedup_process(ctx, n):
-    """`sieve dedup` (default flags, 64 MiB state memory) as a child process on n generated
-    events (`ctl gen events`: 20 % retries, 1 % conflicts) until its lag is 0."""
+def dedup_process(ctx, n, state_mb=None):
+    """`sieve dedup` (default flags, 64 MiB state memory, or `state_mb`) as a child process on
+    n generated events (`ctl gen events`: 20 % retries, 1 % conflicts) until its lag is 0."""
     work = Path(tempfile.mkdtemp(dir=ctx.work))
+    argv = ["dedup"] + (["--state-memory-mb", str(state_mb)] if state_mb else [])
     with Broker(ctx.sieve, work) as broker:
         new = gen_events(ctx, broker, n)
-        secs, inst = run_group(ctx, broker, work, ["dedup"], 1, "events.raw", 3600)
+        secs, inst = run_group(ctx, broker, work, argv, 1, "events.raw", 3600)
         out = broker.count("events.unique")
     if out != new:
         raise RuntimeError(f"growth: dedup wrote {out} records for {new} unique events")

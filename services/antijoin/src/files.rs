@@ -326,7 +326,8 @@ impl KeyCounts {
                 self.mem.insert(key.to_vec(), 1);
             }
         }
-        if self.mem_bytes > self.budget {
+        // The map and, once it has flushed, the store each have half of the budget.
+        if self.mem_bytes > self.budget / 2 {
             self.flush()?;
         }
         Ok(())
@@ -336,8 +337,7 @@ impl KeyCounts {
     fn flush(&mut self) -> Result<()> {
         if self.spilled.is_none() {
             let dir = tempfile::tempdir_in(&self.spill_dir)?;
-            let mut opts = rocksdb::Options::default();
-            opts.create_if_missing(true);
+            let opts = crate::right::spill_options(self.budget / 2);
             let db = rocksdb::DB::open(&opts, dir.path()).map_err(AntijoinError::store)?;
             self.spilled = Some((db, dir));
         }

@@ -5,13 +5,32 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use growable_bloom_filter::GrowableBloom;
-use rocksdb::{Options, WriteBatch, DB};
+use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, DB};
 
 use crate::error::{AntijoinError, Result};
 
 /// Rough bytes a key costs in the hash set: its bytes, the box, the table slot.
 fn cost(key: &[u8]) -> u64 {
     key.len() as u64 + 40
+}
+
+/// Options for a spill store that lives within `bytes`: two write buffers of a quarter each
+/// and a block cache of half that holds the index and filter blocks too, so the store's
+/// memory does not grow with its data.
+pub fn spill_options(bytes: u64) -> Options {
+    let quarter = usize::try_from(bytes / 4)
+        .unwrap_or(usize::MAX)
+        .max(1 << 20);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&Cache::new_lru_cache(quarter * 2));
+    table.set_cache_index_and_filter_blocks(true);
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.set_block_based_table_factory(&table);
+    opts.set_write_buffer_size(quarter);
+    opts.set_max_write_buffer_number(2);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts
 }
 
 pub enum RightSet {
@@ -45,7 +64,7 @@ impl RightSet {
                     *bytes += cost(key);
                 }
                 if *bytes > budget {
-                    self.spill(spill_dir)?;
+                    self.spill(budget, spill_dir)?;
                 }
             }
             RightSet::Spilled {
@@ -66,15 +85,13 @@ impl RightSet {
         Ok(())
     }
 
-    fn spill(&mut self, spill_dir: &Path) -> Result<()> {
+    /// Moves the set to RocksDB, which then lives within the `budget` the set had.
+    fn spill(&mut self, budget: u64, spill_dir: &Path) -> Result<()> {
         let RightSet::Memory { keys, .. } = self else {
             return Ok(());
         };
         let dir = tempfile::tempdir_in(spill_dir)?;
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.set_write_buffer_size(16 << 20);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let opts = spill_options(budget);
         let db = DB::open(&opts, dir.path()).map_err(AntijoinError::store)?;
         let mut bloom = GrowableBloom::new(0.01, keys.len() * 4);
         for k in keys.iter() {
