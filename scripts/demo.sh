@@ -35,7 +35,9 @@ SIEVE="$CARGO_TARGET_DIR/debug/sieve"
 WORK=$(mktemp -d)
 export SIEVE_BROKER_DIR="$WORK/broker"
 ALL_PID=""
+P0_PRODUCER=""
 cleanup() {
+  [ -z "$P0_PRODUCER" ] || kill "$P0_PRODUCER" 2>/dev/null || true
   [ -z "$ALL_PID" ] || kill "$ALL_PID" 2>/dev/null || true
   [ -z "$ALL_PID" ] || wait "$ALL_PID" 2>/dev/null || true
   scripts/broker.sh stop
@@ -155,6 +157,7 @@ for i in $(seq 1 10); do
 done
 exec 3>&-
 wait "$P0_PRODUCER"
+P0_PRODUCER=""
 until [ "$(p0_sent)" -ge 11 ]; do sleep 0.2; done
 fanout_at_p0=$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')
 p0_after=$(buckets "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"')
