@@ -95,6 +95,14 @@ fn entry(flag: u8, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Writes `new` unless the key already holds it: a retried record (the same key and bytes)
+/// then costs no state write and no changelog record.
+fn put_if_changed(ctx: &mut Ctx<'_>, key: &[u8], stored: Option<Vec<u8>>, new: Vec<u8>) {
+    if stored.as_deref() != Some(new.as_slice()) {
+        ctx.put(DEFAULT_CF, key, &new);
+    }
+}
+
 impl Operator for AntiJoin {
     fn process(&mut self, rec: &OwnedMessage, ctx: &mut Ctx<'_>) -> Result<()> {
         let key = match self.join_key(rec) {
@@ -122,15 +130,16 @@ impl Operator for AntiJoin {
                 }
             }
             OutputMode::Retract if matched => {
-                let was_emitted =
-                    ctx.get(DEFAULT_CF, &key)?.and_then(|v| v.first().copied()) == Some(EMITTED);
-                ctx.put(DEFAULT_CF, &key, &entry(SUPPRESSED, payload));
+                let stored = ctx.get(DEFAULT_CF, &key)?;
+                let was_emitted = stored.as_ref().and_then(|v| v.first().copied()) == Some(EMITTED);
+                put_if_changed(ctx, &key, stored, entry(SUPPRESSED, payload));
                 if was_emitted || ctx.recovering() {
                     ctx.emit(self.tombstone(&key));
                 }
             }
             OutputMode::Retract => {
-                ctx.put(DEFAULT_CF, &key, &entry(EMITTED, payload));
+                let stored = ctx.get(DEFAULT_CF, &key)?;
+                put_if_changed(ctx, &key, stored, entry(EMITTED, payload));
                 ctx.emit(Output::copy_of(&self.cfg.out, rec).key(key));
             }
         }
