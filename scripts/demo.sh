@@ -138,18 +138,20 @@ file_keys=$(wc -l <"$WORK/missing-keys.ndjson")
 # broker write, queued behind the fan-out's) inside the measured latency. A first code warms
 # it; the latencies reported are those recorded after it.
 code() { echo "{\"notification_id\":\"2fa-$1\",\"priority\":0,\"category\":\"security\",\"template\":\"2fa_code\",\"channels\":[\"push\"],\"created_at\":\"$(now)\",\"audience\":[\"alice\"]}"; }
-p0_sent() { metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="0",status="sent"'; }
+sent() { # sent PRIORITY: deliveries the deliverer sent at that priority
+  metric "$M_DELIVER" sieve_notify_outcomes_total "priority=\"$1\",status=\"sent\""
+}
 mkfifo "$WORK/p0.fifo"
 produce notify.requests.p0 /notification_id <"$WORK/p0.fifo" &
 P0_PRODUCER=$!
 exec 3>"$WORK/p0.fifo"
 code warm >&3
-until [ "$(p0_sent)" -ge 1 ]; do sleep 0.2; done
+until [ "$(sent 0)" -ge 1 ]; do sleep 0.2; done
 p0_before=$(buckets "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"')
 started=$(date +%s%N)
 echo "{\"notification_id\":\"post-1\",\"priority\":2,\"category\":\"social\",\"template\":\"new_post\",\"channels\":[\"inapp\"],\"created_at\":\"$(now)\",\"author_id\":\"celebrity\",\"audience\":{\"followers_of\":\"celebrity\"}}" |
   produce notify.requests.p2 /notification_id
-until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')" -gt 5000 ]; do sleep 0.2; done
+until [ "$(sent 2)" -gt 5000 ]; do sleep 0.2; done
 echo "demo: fan-out under way; sending 10 P0 2FA codes to alice"
 for i in $(seq 1 10); do
   code "$i" >&3
@@ -158,12 +160,12 @@ done
 exec 3>&-
 wait "$P0_PRODUCER"
 P0_PRODUCER=""
-until [ "$(p0_sent)" -ge 11 ]; do sleep 0.2; done
-fanout_at_p0=$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')
+until [ "$(sent 0)" -ge 11 ]; do sleep 0.2; done
+fanout_at_p0=$(sent 2)
 p0_after=$(buckets "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"')
 p0_p50=$(quantile_ms 0.5 "$p0_after" "$p0_before")
 p0_p99=$(quantile_ms 0.99 "$p0_after" "$p0_before")
-until [ "$(metric "$M_DELIVER" sieve_notify_outcomes_total 'priority="2",status="sent"')" -ge "$FOLLOWERS" ]; do sleep 0.5; done
+until [ "$(sent 2)" -ge "$FOLLOWERS" ]; do sleep 0.5; done
 fanout_ms=$(ms_since "$started")
 counts=$(curl -s "http://$M_DELIVER/v1/notifications/post-1")
 restarts=$(metric "$ALL" sieve_all_restarts_total)
