@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Ingest throughput on one local broker (sqlite engine), same records everywhere:
+# Ingest throughput on one Kafka broker (scripts/broker.sh), same records everywhere:
 #   raw      `sieve ctl gen events --topic`: plain librdkafka produce, the ceiling, twice: with
 #            the one `idempotency-key` header, and with the headers ingest writes (the loader
-#            3, HTTP 4). The local broker stores every header as a row, so a header costs it
-#            about as much as a record; the same-headers baseline is the fair ceiling.
+#            3, HTTP 4); the same-headers baseline is the fair ceiling.
 #   bulk     `sieve ingest file` of the same events as NDJSON and as one JSON array
 #   http     `sieve ingest serve` under wrk, NDJSON batches of 1, 100 and 1000 records
 # Prints a markdown table (records/s, ratio to raw, p50/p99 for HTTP).

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo, on a fresh local broker, with every service under one `sieve all`:
+# The demo, on a fresh Apache Kafka broker (scripts/broker.sh), with every service under one
+# `sieve all`:
 #   0. the inputs that land before the pipeline starts: legacy and current user exports
 #      (hot key `guest`), a celebrity's follower graph, alice's preferences;
 #   1. ingest and dedup: a batch POSTed to ingest twice (a client retry) and a bad one
@@ -68,7 +69,7 @@ pid_of() { curl -s "http://$ALL/services" | grep -o "\"service\":\"$1\",\"pid\":
 start_all() { # start_all [FLAGS…]: every service (or --services …) under one supervisor
   SIEVE_INGEST_API_KEYS="demo-key-0001@demo:*" RUST_LOG=warn "$SIEVE" all --brokers "$BROKERS" \
     --topics deploy/topics.toml --state-dir "$WORK/state" --metrics-addr "$ALL" \
-    --ingest-listen "$INGEST" --restart-unassigned-after 30s "$@" >/dev/null 2>>"$WORK/all.log" &
+    --ingest-listen "$INGEST" "$@" >/dev/null 2>>"$WORK/all.log" &
   ALL_PID=$!
   until curl -sf "http://$ALL/readyz" >/dev/null 2>&1; do
     kill -0 "$ALL_PID" 2>/dev/null || { tail -20 "$WORK/all.log" >&2; exit 1; }
@@ -186,9 +187,11 @@ replayed=$((unique_after - unique))
 secs() { echo "$(($1 / 1000)).$(( ($1 % 1000) / 100 ))"; }
 cat <<SUMMARY
 
+  broker: Apache Kafka $(scripts/broker.sh version) (KRaft, one node on $BROKERS)
+
   1. sieve ingest + sieve dedup — $raw events in $(secs "$dedup_ms") s, one SIGKILL in the middle
      sieve all:           restarted the killed dedup ($dedup_restarts restarts of dedup, $restarts of every
-                          service; a restart without a kill is --restart-unassigned-after at work)
+                          service)
      over HTTP:           3 accepted, the same 3 retried, 1 refused with 400
      generated:           $expected
      events.unique:       $unique records, $distinct distinct keys (each key exactly once)

@@ -2,7 +2,9 @@
 # Installs what a fresh machine lacks to build and test sieve: libclang (RocksDB's bindings),
 # OpenSSL headers (librdkafka's TLS and SCRAM),
 # Prometheus (promtool checks the alert rules; the server scrapes the services in a test), wrk,
-# GNU time and python3-venv (the benchmark runner) and the local broker (built once into ~/.cache/sieve). Safe to run again: it checks first.
+# GNU time and python3-venv (the benchmark runner), Java 17 and Maven (Apache Kafka's jars come
+# from Maven Central) and the broker itself (fetched once into ~/.cache/sieve). Safe to run
+# again: it checks first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! dpkg -s libclang-dev >/dev/null 2>&1; then
@@ -29,5 +31,10 @@ if ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then
   echo "setup: installing python3-venv (the benchmark runner's venv)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+fi
+if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+  echo "setup: installing Java 17 and Maven (Apache Kafka runs on the JVM; its jars come from Maven Central)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
 fi
 scripts/broker.sh install

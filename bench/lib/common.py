@@ -77,10 +77,12 @@ def wait_until(what, deadline_s, check, every=0.5):
 
 
 class Broker:
-    """The local broker (scripts/broker.sh, sqlite engine) in its own directory and port, with
-    the pipeline's topics created."""
+    """Apache Kafka (scripts/broker.sh) in its own directory and port, with the pipeline's
+    topics created."""
 
-    engine = "tansu 0.6.0, sqlite"
+    engine = "Apache Kafka " + subprocess.run([REPO / "scripts/broker.sh", "version"],
+                                              capture_output=True, text=True,
+                                              check=True).stdout.strip()
 
     def __init__(self, sieve, work):
         self.sieve, self.port = sieve, free_port()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import report
 import workloads
-from common import REPO, build, log, write_json
+from common import REPO, Broker, build, log, write_json
 
 
 def git(*args):
@@ -38,7 +38,7 @@ def machine(mode):
         "load_average_at_start": os.getloadavg(),
         "commit": git("rev-parse", "--short", "HEAD") + (" (uncommitted changes)"
                                                            if git("status", "--porcelain") else ""),
-        "broker": "Tansu 0.6.0 on loopback, sqlite engine (correct offsets; see docs/broker.md)",
+        "broker": Broker.engine + " on loopback, one KRaft node (docs/broker.md)",
     }
 
 

@@ -178,7 +178,8 @@ class Report:
                  f"loopback for {doc['http_seconds']} s per batch size. Engine: {doc['engine']}.",
                  "")
         # The fair ceiling of a path is raw produce of the same records, headers included:
-        # this broker stores each header as a row, so it costs about what a record costs.
+        # headers are not free (the former broker, Tansu, stored each as a row, about what a
+        # record cost).
         same = {"bulk": next((r for r in doc["rows"] if "loader's" in r["path"]), None),
                 "HTTP": next((r for r in doc["rows"] if "HTTP ingest's" in r["path"]), None)}
 
@@ -304,10 +305,10 @@ class Report:
         self.add(
             "Assumptions: 100 TB of events a day through dedup, 120 B a record, every key new "
             "(the worst case for state), the 24 h TTL, and this run's one-instance dedup rate "
-            "and on-disk state per key (measured on the local broker, which is the bottleneck "
-            "here: a real Kafka cluster moves more per instance, so the instance count is an "
-            "upper bound). Restore replays an instance's changelog at the same per-instance "
-            "rate.", "",
+            f"and on-disk state per key (measured on {doc['engine']}, one broker on the same "
+            "cores as sieve: brokers on their own machines move more per instance, so the "
+            "instance count is an upper bound). Restore replays an instance's changelog at the "
+            "same per-instance rate.", "",
             f"- records a day: 100 × 10¹² B / {record_b} B = {total:.3g}",
             f"- rate needed: {total:.3g} / {window_s} s = {fmt(need)} records/s",
             f"- instances: ⌈{fmt(need)} / {fmt(rate)} (one instance here)⌉ = {fmt(instances)}",
@@ -413,7 +414,7 @@ class Report:
         def draw():
             fig, ax = plt.subplots(figsize=(9, 3.4))
             ax.plot([x["t"] for x in s], [x["dedup_rss_mib"] for x in s], label="sieve dedup")
-            ax.plot([x["t"] for x in s], [x["broker_rss_mib"] for x in s], label="broker (Tansu)")
+            ax.plot([x["t"] for x in s], [x["broker_rss_mib"] for x in s], label="broker (Kafka)")
             ax.set_xlabel("seconds")
             ax.set_ylabel("RSS (MiB)")
             ax.set_ylim(bottom=0)

@@ -161,7 +161,7 @@ def antijoin_files(ctx):
 def bench_core(ctx, records, stages=None):
     out = Path(tempfile.mkdtemp(dir=ctx.work)) / "core.json"
     cmd = [str(ctx.bins / "sieve-bench-core"), "--records", str(records), "--partitions", "8",
-           "--engine", "sqlite", "--json", str(out)]
+           "--json", str(out)]
     if stages:
         cmd += ["--stages", ",".join(stages)]
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
@@ -403,7 +403,7 @@ def soak_run(ctx, broker, work, dedup, base, seconds):
     seconds while a thread samples RSS, then waits for dedup to catch up. A round is produced
     only once dedup is less than a round behind: a soak measures steady state, and a producer
     running flat out would only measure a growing backlog."""
-    broker_pid = int((work / "broker/pid").read_text())
+    broker_pid = int((work / "broker/node-1/pid").read_text())
     samples, rounds = [], 0
     start = time.monotonic()
     stop = threading.Event()

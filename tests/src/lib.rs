@@ -1,4 +1,4 @@
-//! Test harness: a real Kafka-protocol broker (Tansu, sqlite engine) on a free loopback port,
+//! Test harness: Apache Kafka (KRaft, started by `scripts/broker.sh run`) on free loopback ports,
 //! unique topic and group names, child-process services, and readers that check outputs.
 //!
 //! Every helper waits for a condition with a deadline; none sleeps and hopes.
@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use futures::future::join_all;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
@@ -20,13 +20,56 @@ use sieve_core::kafka::Clients;
 
 pub mod chaos;
 
-/// Where the local broker binary is installed by `scripts/broker.sh install`.
-pub fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("SIEVE_TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    PathBuf::from(home).join(".cache/sieve/tansu/bin/tansu")
+/// `scripts/broker.sh`: installs and runs Apache Kafka; the harness starts each broker through
+/// its `run` command, so tests, the demo and the benchmarks share one broker configuration.
+pub fn broker_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker.sh")
+}
+
+/// The broker the harness runs, as reports name it: "Apache Kafka 4.4.0".
+pub fn broker_name() -> Result<String> {
+    let out = Command::new(broker_script())
+        .arg("version")
+        .output()
+        .context("scripts/broker.sh version")?;
+    ensure!(out.status.success(), "scripts/broker.sh version failed");
+    Ok(format!(
+        "Apache Kafka {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    ))
+}
+
+/// Runs one of Kafka's own command-line tools (a class of the jars `scripts/broker.sh`
+/// installed, such as `org.apache.kafka.tools.consumer.group.ConsumerGroupCommand`) with
+/// `stdin`; returns its exit code and stdout, or an error naming its stderr.
+pub fn kafka_tool(class: &str, args: &[&str], stdin: &[u8]) -> Result<(i32, String)> {
+    use std::io::Write;
+    let out = Command::new(broker_script())
+        .arg("bin")
+        .output()
+        .context("scripts/broker.sh bin")?;
+    let libs = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let log4j = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kafka/log4j2.yaml");
+    let mut child = Command::new("java")
+        .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
+        .arg("-cp")
+        .arg(format!("{libs}/*"))
+        .arg(class)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {class}"))?;
+    child.stdin.take().context("tool stdin")?.write_all(stdin)?;
+    let out = child.wait_with_output()?;
+    let code = out.status.code().unwrap_or(-1);
+    ensure!(
+        code == 0,
+        "{class} exited with {code}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((code, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
 pub fn free_port() -> u16 {
@@ -64,6 +107,21 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Topic configs under which Kafka's log cleaner compacts within a test: a segment rolls at
+/// the first write 100 ms after it began, any dirty share is worth cleaning, and tombstones
+/// are kept for 100 ms after their segment was first cleaned.
+pub const FAST_COMPACTION: &[(&str, &str)] = &[
+    ("cleanup.policy", "compact"),
+    ("retention.ms", "-1"),
+    ("segment.ms", "100"),
+    ("min.cleanable.dirty.ratio", "0.01"),
+    ("min.compaction.lag.ms", "0"),
+    ("delete.retention.ms", "100"),
+];
+
+/// Key of the tombstones [`Broker::wait_compacted`] writes to roll segments.
+pub const ROLL_KEY: &[u8] = b"~roll";
+
 /// A record to produce in a test.
 #[derive(Debug, Clone, Default)]
 pub struct TestRecord<'a> {
@@ -73,46 +131,27 @@ pub struct TestRecord<'a> {
     pub timestamp_ms: Option<i64>,
 }
 
-/// Storage engine of the local broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    /// Keeps data and offsets across SIGKILL and serves mid-batch fetches correctly: the
-    /// only engine for correctness tests.
-    Sqlite,
-    /// Fast but skips records on mid-batch fetches: throughput runs that read from offset 0
-    /// without rebalancing only, with counts checked.
-    Memory,
-    /// Not started by the harness (librdkafka's mock cluster, for fault injection).
-    External,
-}
-
-/// A local broker on loopback, stopped when dropped.
+/// An Apache Kafka node (KRaft, broker and controller in one JVM) on loopback, with its data
+/// in a temporary directory; SIGKILLed when dropped.
 pub struct Broker {
     child: Option<Child>,
     pub port: u16,
+    controller_port: u16,
     dir: tempfile::TempDir,
-    engine: Engine,
+    /// Started by someone else (librdkafka's mock cluster): never spawned or killed here.
+    external: bool,
 }
 
 impl Broker {
-    /// A broker on the sqlite engine, on a free port.
+    /// A fresh single-node Kafka on free loopback ports. Each test gets its own broker, so a
+    /// test that kills, freezes or fills one cannot disturb another.
     pub fn start() -> Result<Broker> {
-        Self::start_with(Engine::Sqlite)
-    }
-
-    pub fn start_with(engine: Engine) -> Result<Broker> {
-        let bin = tansu_bin();
-        if !bin.exists() {
-            bail!(
-                "local broker not installed at {}: run `scripts/broker.sh install`",
-                bin.display()
-            );
-        }
         let mut b = Broker {
             child: None,
             port: free_port(),
+            controller_port: free_port(),
             dir: tempfile::tempdir()?,
-            engine,
+            external: false,
         };
         b.spawn()?;
         Ok(b)
@@ -128,8 +167,9 @@ impl Broker {
         Ok(Broker {
             child: None,
             port,
+            controller_port: 0,
             dir: tempfile::tempdir()?,
-            engine: Engine::External,
+            external: true,
         })
     }
 
@@ -138,44 +178,52 @@ impl Broker {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let storage = match self.engine {
-            // Tansu resolves sqlite://PATH relative to its working directory.
-            Engine::Sqlite => "sqlite://tansu.db".to_string(),
-            Engine::Memory => "memory://tansu/".to_string(),
-            Engine::External => bail!("an external broker is not started by the harness"),
-        };
+        if self.external {
+            bail!("an external broker is not started by the harness");
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("broker.log"))?;
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .arg("--storage-engine")
-            .arg(storage)
-            .current_dir(self.dir.path())
-            .env("RUST_LOG", "warn")
+            .open(self.log_path())?;
+        // `broker.sh run` formats the data directory when it is new and then execs the JVM:
+        // the child's pid is the broker's, so kill and freeze reach it.
+        let child = Command::new(broker_script())
+            .arg("run")
+            .arg(self.port.to_string())
+            .arg(self.dir.path().join("node"))
+            .arg(self.controller_port.to_string())
+            .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting the local broker")?;
+            .context("starting Kafka with scripts/broker.sh run")?;
         self.child = Some(child);
         let clients = self.clients();
-        wait_for(
+        let ready = wait_for(
             "the broker to answer metadata",
-            Duration::from_secs(30),
-            || clients.check_reachable().ok(),
-        )?;
-        if self.engine == Engine::Sqlite {
-            add_header_index(&self.dir.path().join("tansu.db"))?;
-        }
-        Ok(())
+            Duration::from_secs(90),
+            || {
+                if let Some(c) = self.child.as_mut() {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        return Some(Err(anyhow::anyhow!("broker exited with {status}")));
+                    }
+                }
+                clients.check_reachable().ok().map(Ok)
+            },
+        )
+        .and_then(|r| r);
+        ready.with_context(|| format!("broker log tail:\n{}", self.log_tail(20)))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("broker.log")
+    }
+
+    /// The last `lines` lines of the broker's log (its start script's errors included).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// SIGKILL the broker (data on disk survives).
@@ -220,11 +268,59 @@ impl Broker {
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
-        block(
-            self.clients()
-                .ensure_topic(name, partitions, &[("retention.ms", "-1")]),
-        )?;
+        self.create_topic_with(name, partitions, &[("retention.ms", "-1")])
+    }
+
+    /// A topic with these configs (such as [`FAST_COMPACTION`]).
+    pub fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<()> {
+        block(self.clients().ensure_topic(name, partitions, None, configs))?;
         Ok(())
+    }
+
+    /// Waits until Kafka's log cleaner has compacted `topic` (made with [`FAST_COMPACTION`]):
+    /// read from the start, it holds one record per key and no tombstone, besides the
+    /// [`ROLL_KEY`] tombstones written here to close active segments (only closed segments
+    /// are cleaned). Returns the records, roll markers left out.
+    pub fn wait_compacted(&self, topic: &str, timeout: Duration) -> Result<Vec<OwnedMessage>> {
+        let producer = self.clients().producer()?;
+        let partitions = self.end_offsets(topic)?.len() as i32;
+        let mut last = String::from("nothing read");
+        let res = wait_for(
+            &format!("Kafka's log cleaner to compact {topic}"),
+            timeout,
+            || {
+                let mut pending = Vec::new();
+                for p in 0..partitions {
+                    let roll = FutureRecord::<[u8], [u8]>::to(topic)
+                        .key(ROLL_KEY)
+                        .partition(p);
+                    pending.push(producer.send_result(roll).ok()?);
+                }
+                settle(&mut pending).ok()?;
+                let records: Vec<OwnedMessage> = self
+                    .read_all(topic)
+                    .ok()?
+                    .into_iter()
+                    .filter(|m| m.key() != Some(ROLL_KEY))
+                    .collect();
+                let tombstones = records.iter().filter(|m| m.payload().is_none()).count();
+                let keys: std::collections::BTreeSet<&[u8]> =
+                    records.iter().filter_map(|m| m.key()).collect();
+                let superseded = records.len() - keys.len();
+                last = format!(
+                    "{} records, {superseded} superseded, {tombstones} tombstones",
+                    records.len()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+                (tombstones == 0 && superseded == 0).then_some(records)
+            },
+        );
+        res.with_context(|| format!("last read: {last}"))
     }
 
     /// A producer to keep for many sends (see [`TestProducer`]).
@@ -353,27 +449,93 @@ impl Broker {
     }
 }
 
-/// Tansu 0.6.0's sqlite schema has no index for the per-record header lookup of a fetch,
-/// which makes reads quadratic; `scripts/broker-index.py` adds it (see its comment).
-fn add_header_index(db: &Path) -> Result<()> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/broker-index.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(db)
-        .output()
-        .context("running scripts/broker-index.py (needs python3)")?;
-    if !out.status.success() {
-        bail!(
-            "broker-index.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A cluster of Kafka nodes on loopback (`scripts/broker.sh cluster N`): replication factor 3
+/// (or N when smaller) and `min.insync.replicas=2` by default, data in a temporary directory;
+/// every node stopped when dropped.
+pub struct Cluster {
+    pub nodes: usize,
+    pub first_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start(nodes: usize) -> Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        // The script takes 2N consecutive ports (clients, then controllers): find a free run.
+        let first_port = (0..50)
+            .map(|_| free_port())
+            .find(|p| {
+                *p < 65_000
+                    && (1..2 * nodes as u16)
+                        .all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok())
+            })
+            .context("no run of free loopback ports")?;
+        let out = Command::new(broker_script())
+            .args(["cluster", &nodes.to_string(), &first_port.to_string()])
+            .env("SIEVE_BROKER_DIR", dir.path())
+            .output()
+            .context("scripts/broker.sh cluster")?;
+        let cluster = Cluster {
+            nodes,
+            first_port,
+            dir,
+        };
+        ensure!(
+            out.status.success(),
+            "scripts/broker.sh cluster {nodes}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let clients = cluster.clients();
+        wait_for(
+            "the cluster to answer metadata",
+            Duration::from_secs(90),
+            || clients.check_reachable().ok(),
+        )?;
+        Ok(cluster)
+    }
+
+    /// Every node's address, comma-separated, as `--brokers` takes them.
+    pub fn addr(&self) -> String {
+        (0..self.nodes as u16)
+            .map(|i| format!("127.0.0.1:{}", self.first_port + i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn clients(&self) -> Clients {
+        Clients::new(KafkaArgs {
+            brokers: self.addr(),
+            properties: Vec::new(),
+            connect_timeout_ms: 5_000,
+        })
+    }
+
+    /// The pid of node `n` (1-based), for SIGKILL or SIGSTOP.
+    pub fn pid(&self, n: usize) -> Result<i32> {
+        let path = self.dir.path().join(format!("node-{n}/pid"));
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .parse()?)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in 1..=self.nodes {
+            if let Ok(pid) = self.pid(n) {
+                // SAFETY: kill(2) on a broker this cluster started.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
     }
 }
 
@@ -461,10 +623,8 @@ pub struct Service {
     pub metrics_port: u16,
     log: PathBuf,
     cmd: (PathBuf, Vec<String>, Vec<(String, String)>, PathBuf),
-    started: Instant,
-    last_healthy: Option<Instant>,
-    /// `/metrics` of earlier lifetimes ended by `restart_if_unassigned`: their counters still
-    /// count, so reconciliations hold across a harness restart.
+    /// `/metrics` of earlier lifetimes ended by `respawn`: their counters still count, so
+    /// reconciliations hold across a restart.
     earlier_metrics: Vec<String>,
 }
 
@@ -507,35 +667,8 @@ impl Service {
             metrics_port,
             log,
             cmd: spec.clone(),
-            started: Instant::now(),
-            last_healthy: None,
             earlier_metrics: Vec::new(),
         })
-    }
-
-    /// Harness workaround for a local-broker bug: Tansu 0.6.0's group coordinator leaves a
-    /// member that joined while a SIGKILLed member's session still ran with an empty
-    /// assignment that never changes. The runtime now waits out a crashed process of its own
-    /// host before joining (`members::wait_after_crash`) and replaces a consumer that never
-    /// settles (`group_watch`); this restart remains the net for a member killed elsewhere.
-    /// A member subscribed with no partitions for `stall` is restarted, as an orchestrator's
-    /// liveness probe would; every test's exactly-once checks still apply to whatever it wrote. A member
-    /// that is restoring, or has not subscribed yet, is never touched.
-    pub fn restart_if_unassigned(&mut self, stall: Duration) -> Result<bool> {
-        // The gauge exists from the subscription on; before it, the member is starting.
-        let assigned = self.metric("sieve_assigned_partitions", &[]);
-        let restoring = self.metric("sieve_restore_in_progress", &[]).unwrap_or(0.0);
-        if !(assigned == Some(0.0) && restoring == 0.0) || self.child.is_none() {
-            self.last_healthy = Some(Instant::now());
-            return Ok(false);
-        }
-        let since = self.last_healthy.unwrap_or(self.started);
-        if since.elapsed() < stall {
-            return Ok(false);
-        }
-        eprintln!("harness: no partitions for {stall:?}: restarting the member (local broker group stall)");
-        self.respawn()?;
-        Ok(true)
     }
 
     /// Kills the process (SIGKILL, if still running) and starts it again with the same
@@ -600,12 +733,7 @@ impl Service {
     /// Waits for the process to exit by itself (a failpoint, an error); the error names the
     /// log's last lines when it does not.
     pub fn wait_exit(&mut self, what: &str, timeout: Duration) -> Result<i32> {
-        let res = wait_for(what, timeout, || {
-            if self.restart_if_unassigned(Duration::from_secs(40)).is_err() {
-                return None;
-            }
-            self.exited()
-        });
+        let res = wait_for(what, timeout, || self.exited());
         res.with_context(|| format!("log tail:\n{}", self.log_tail(40)))
     }
 

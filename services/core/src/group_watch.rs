@@ -1,14 +1,13 @@
 //! Watchdog for a consumer that is subscribed but never gets back into its group.
 //!
-//! Seen on the local broker (Tansu 0.6): when the group coordinator stalls for longer than the
-//! session timeout, librdkafka loses its assignment and rejoins, but the coordinator keeps the
-//! consumer's previous member id as the group's leader. Every JoinGroup answer names that ghost
-//! as leader, every SyncGroup fails with "rebalance in progress", and the consumer cycles
-//! between join states with no partitions for as long as it lives (measured: over 9 minutes).
-//! A fresh consumer (new client, new member id) is assigned at once. So when the group has
-//! been unsettled with an empty assignment for longer than `stall`, the runner replaces its
-//! consumer; a member legitimately left without partitions (more members than partitions)
-//! is settled (`steady`) and never triggers it.
+//! When the broker stops answering for longer than the session timeout, librdkafka loses its
+//! assignment and rejoins. Should that join never settle (first seen on the former local
+//! broker, whose coordinator kept the consumer's previous member id as leader so that every
+//! SyncGroup failed, for over 9 minutes measured), the consumer would sit subscribed with no
+//! partitions and no error. A fresh consumer (new client, new member id) gets assigned. So when
+//! the group has been unsettled with an empty assignment for longer than `stall`, the runner
+//! replaces its consumer; a member legitimately left without partitions (more members than
+//! partitions) is settled (`steady`) and never triggers it.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -31,11 +31,7 @@ impl Clients {
     fn base(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.args.brokers)
-            .set("client.id", "sieve")
-            // Small fetch waits: a broker that holds every fetch for the full wait stalls
-            // pipelines with idle CPU (measured on the local broker).
-            .set("fetch.wait.max.ms", "10")
-            .set("fetch.queue.backoff.ms", "100");
+            .set("client.id", client_id());
         c
     }
 
@@ -50,10 +46,10 @@ impl Clients {
     /// timeout, lz4 batches. An output is only counted once the broker acknowledged it.
     pub fn producer_config(&self) -> ClientConfig {
         let mut c = self.base();
-        // Consumer-only tuning would only draw warnings from the producer.
-        c.remove("fetch.wait.max.ms");
-        c.remove("fetch.queue.backoff.ms");
-        c.set("enable.idempotence", "true")
+        // Same key, same partition as Kafka's Java producer (murmur2): dedup's one owner per
+        // key and the co-partitioned anti-join rely on every producer of a topic agreeing.
+        c.set("partitioner", "murmur2_random")
+            .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")
@@ -150,11 +146,26 @@ impl Clients {
         Ok(t.partitions().len() as i32)
     }
 
-    /// Creates a topic unless it exists; `configs` are set explicitly so every broker reports them.
+    /// Replication factor of an existing topic (the replicas of its first partition).
+    pub fn replication_of(&self, reader: &BaseConsumer, topic: &str) -> Result<i32> {
+        let md = reader
+            .fetch_metadata(Some(topic), self.args.connect_timeout())
+            .map_err(|e| CoreError::kafka(format!("metadata of {topic}"), e))?;
+        md.topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .and_then(|t| t.partitions().first())
+            .map(|p| p.replicas().len() as i32)
+            .ok_or_else(|| CoreError::Config(format!("topic {topic} does not exist")))
+    }
+
+    /// Creates a topic unless it exists, with `replication` copies (`None`: the broker's
+    /// `default.replication.factor`); `configs` are set explicitly.
     pub async fn ensure_topic(
         &self,
         name: &str,
         partitions: i32,
+        replication: Option<i32>,
         configs: &[(&str, &str)],
     ) -> Result<bool> {
         // A topic that exists needs no admin request (nor the right to make one).
@@ -166,7 +177,12 @@ impl Clients {
             return Ok(false);
         }
         let admin = self.admin()?;
-        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        // -1 asks the broker for its default (CreateTopics v4+).
+        let mut topic = NewTopic::new(
+            name,
+            partitions,
+            TopicReplication::Fixed(replication.unwrap_or(-1)),
+        );
         for (k, v) in configs {
             topic = topic.set(k, v);
         }
@@ -178,7 +194,10 @@ impl Clients {
             .await
             .map_err(|e| CoreError::kafka(format!("create topic {name}"), e))?;
         match res.into_iter().next() {
-            Some(Ok(_)) => Ok(true),
+            Some(Ok(_)) => {
+                self.wait_until_served(name, partitions)?;
+                Ok(true)
+            }
             Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
             Some(Err((t, code))) => Err(CoreError::kafka(
                 format!("create topic {t}"),
@@ -187,6 +206,53 @@ impl Clients {
             None => Ok(false),
         }
     }
+}
+
+impl Clients {
+    /// Waits until a topic just created is served: Kafka answers CreateTopics once its
+    /// controller has the topic, and brokers learn it from the metadata log a moment later;
+    /// a watermark or fetch request in between fails with "unknown partition".
+    fn wait_until_served(&self, name: &str, partitions: i32) -> Result<()> {
+        let reader = self.reader()?;
+        let started = std::time::Instant::now();
+        loop {
+            let served = reader
+                .fetch_metadata(Some(name), self.args.connect_timeout())
+                .ok()
+                .and_then(|md| {
+                    let t = md.topics().iter().find(|t| t.name() == name)?;
+                    let ready = t.error().is_none()
+                        && t.partitions().len() == partitions as usize
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.leader() >= 0 && p.error().is_none());
+                    Some(ready)
+                })
+                .unwrap_or(false);
+            if served {
+                return Ok(());
+            }
+            if started.elapsed() > BROKER_WAIT {
+                return Err(CoreError::Config(format!(
+                    "topic {name} was created but no broker serves it after {BROKER_WAIT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The client id of every client of this process, `sieve@HOST/pid=PID`: Kafka's group
+/// description (`ctl replay`, `kafka-consumer-groups --describe --members`) then names the
+/// host and process of each member.
+pub fn client_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("sieve@{host}/pid={}", std::process::id())
 }
 
 /// librdkafka reports unknown or invalid properties at client creation: show them as

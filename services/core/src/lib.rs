@@ -11,7 +11,6 @@ pub mod error;
 pub mod failpoint;
 pub mod group_watch;
 pub mod kafka;
-pub mod members;
 pub mod priority;
 pub mod record;
 pub mod replay;

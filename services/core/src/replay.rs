@@ -4,10 +4,7 @@
 //! `sieve-replay:<id>`. An ordinary commit by the runtime carries no metadata, so the
 //! metadata is what tells a requested rewind from a committed offset that merely lags the
 //! store (the store, not the group, is where processing resumes; docs/exactly-once.md).
-//! Brokers that store commit metadata but do not return it (the local broker, Tansu 0.6.0,
-//! answers OffsetFetch with an empty string) are served by the same request, which the tool
-//! also writes to the compacted topic `<group>.replay`, key `<topic>/<partition>`; it counts
-//! only when the group's committed offset still equals the requested offset.
+//! Kafka keeps a commit's metadata with the offset and returns it in OffsetFetch.
 //!
 //! On partition open, a request whose id the partition has not honoured yet:
 //! 1. wipes the state: the changelog receives a drop for every time bucket and a tombstone
@@ -23,14 +20,12 @@
 //! A crash anywhere before step 3 leaves the id unhonoured and the request standing, so the
 //! next open starts the replay over; state written by the interrupted attempt is wiped again.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 
 use crate::changelog;
 use crate::error::{CoreError, Result};
@@ -66,18 +61,8 @@ pub fn id_in(metadata: &str) -> Option<&str> {
         .filter(|id| !id.is_empty())
 }
 
-/// Compacted topic where `sieve ctl replay` records its requests for `group`.
-pub fn requests_topic(group: &str) -> String {
-    format!("{group}.replay")
-}
-
-/// Key of one partition's request in [`requests_topic`].
-pub fn request_key(topic: &str, partition: i32) -> String {
-    format!("{topic}/{partition}")
-}
-
 /// A rewind of one partition to `offset`, named `id`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub id: String,
     pub offset: i64,
@@ -96,15 +81,12 @@ pub(crate) struct Io<'a> {
 pub(crate) struct Replay {
     /// A consumer of the group that never subscribes: it only reads committed offsets.
     probe: BaseConsumer,
-    /// Requests from [`requests_topic`] as read up to the given end offset.
-    recorded: Option<(i64, BTreeMap<String, Request>)>,
 }
 
 impl Replay {
     pub(crate) fn new(clients: &Clients, group: &str) -> Result<Self> {
         Ok(Replay {
             probe: clients.consumer(group, DefaultConsumerContext)?,
-            recorded: None,
         })
     }
 
@@ -198,7 +180,7 @@ impl Replay {
     }
 
     /// The partition's replay request, unless none stands or it was honoured already.
-    fn pending(&mut self, io: &Io<'_>, honoured: &[String]) -> Result<Option<Request>> {
+    fn pending(&self, io: &Io<'_>, honoured: &[String]) -> Result<Option<Request>> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(io.topic, io.partition);
         let committed = self
@@ -211,59 +193,15 @@ impl Replay {
         let Some(offset) = elem.offset().to_raw().filter(|o| *o >= 0) else {
             return Ok(None);
         };
-        let id = match id_in(elem.metadata()) {
-            Some(id) => id.to_string(),
-            None if elem.metadata().is_empty() => {
-                let key = request_key(io.topic, io.partition);
-                match self.recorded(io.reader, io.group)?.get(&key) {
-                    Some(r) if r.offset == offset => r.id.clone(),
-                    _ => return Ok(None),
-                }
-            }
-            None => return Ok(None),
+        let Some(id) = id_in(elem.metadata()) else {
+            return Ok(None);
         };
-        Ok((!honoured.contains(&id)).then_some(Request { id, offset }))
-    }
-
-    /// The requests recorded in the group's requests topic (none when it does not exist),
-    /// read again only when it has grown.
-    fn recorded(
-        &mut self,
-        reader: &BaseConsumer,
-        group: &str,
-    ) -> Result<&BTreeMap<String, Request>> {
-        let topic = requests_topic(group);
-        let end = match reader.fetch_watermarks(&topic, 0, TIMEOUT) {
-            Ok((_, high)) => high,
-            // No tool ever wrote a request for this group.
-            Err(_) => 0,
-        };
-        if self.recorded.as_ref().map(|(e, _)| *e) != Some(end) {
-            let mut requests = BTreeMap::new();
-            changelog::read_range(reader, &topic, 0, 0, end, IDLE, |m| {
-                let Some(key) = m.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
-                    return Ok(());
-                };
-                match m.payload().map(serde_json::from_slice::<Request>) {
-                    Some(Ok(r)) => {
-                        requests.insert(key, r);
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(topic, key, error = %e, "ignoring an unreadable replay request");
-                    }
-                    None => {
-                        requests.remove(&key);
-                    }
-                }
-                Ok(())
-            })?;
-            self.recorded = Some((end, requests));
-        }
-        Ok(self.recorded.as_ref().map(|(_, r)| r).unwrap_or(&EMPTY))
+        Ok((!honoured.iter().any(|h| h == id)).then(|| Request {
+            id: id.to_string(),
+            offset,
+        }))
     }
 }
-
-static EMPTY: BTreeMap<String, Request> = BTreeMap::new();
 
 /// Sends, as changelog groups, a drop for every time bucket and a tombstone for every other
 /// key of `store`, so that a restore from the changelog ends with nothing of it.

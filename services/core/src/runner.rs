@@ -1021,9 +1021,12 @@ pub fn run<F: OperatorFactory>(
     for t in &inputs {
         let n = clients.partition_count(&reader, t)?;
         let cl = changelog::topic_name(&args.group, t);
+        // As many copies of the state as of its input: losing a broker must not lose either.
+        let replication = clients.replication_of(&reader, t)?;
         block_on(clients.ensure_topic(
             &cl,
             n,
+            Some(replication),
             &[("cleanup.policy", "compact"), ("retention.ms", "-1")],
         ))?;
     }
@@ -1066,28 +1069,6 @@ pub fn run<F: OperatorFactory>(
             .map_err(|e| CoreError::kafka("subscribe", e))?;
         Ok(consumer)
     };
-    let session = clients
-        .consumer_config(&args.group)
-        .get("session.timeout.ms")
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(Duration::from_secs(45));
-    let crashed = crate::members::wait_after_crash(&lock(&engine).reader, &args.group, session)
-        .unwrap_or_else(|e| {
-            // Beacons are advisory: without them the group is joined at once.
-            tracing::warn!(error = %e, "member beacons unreadable; joining without waiting");
-            None
-        });
-    if let Some(wait) = crashed {
-        tracing::info!(
-            wait_ms = wait.as_millis() as u64,
-            "an earlier process of this host crashed: joining the group once its session expired"
-        );
-        let until = Instant::now() + wait;
-        while Instant::now() < until && !shutdown.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
     let mut consumer = subscribe()?;
     health.set_live(true);
     metrics::gauge!(names::PAUSED_PARTITIONS).set(0.0);

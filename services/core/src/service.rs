@@ -9,7 +9,6 @@ use axum::Router;
 use crate::config::{KafkaArgs, ServiceArgs};
 use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
-use crate::members;
 use crate::runner::{self, OperatorFactory};
 use crate::telemetry::{self, Health};
 
@@ -72,17 +71,7 @@ pub fn run_processor<F: OperatorFactory>(
         },
     ))?;
     let clients = Clients::new(kafka.clone());
-    members::process_start_ms();
-    let (beacon_stop, beacon_rx) = tokio::sync::oneshot::channel::<()>();
-    let beacon = rt.spawn(members::beat(
-        clients.clone(),
-        svc.group.clone(),
-        svc.metrics_addr,
-        beacon_rx,
-    ));
     let result = runner::run(factory, &clients, svc, health, shutdown);
-    let _ = beacon_stop.send(());
-    let _ = rt.block_on(beacon);
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
     result

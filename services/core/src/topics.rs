@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+use rdkafka::admin::{AdminOptions, AlterConfig, ConfigSource, ResourceSpecifier};
 use rdkafka::consumer::Consumer;
 use serde::Deserialize;
 
@@ -15,6 +15,10 @@ use crate::kafka::Clients;
 #[serde(deny_unknown_fields)]
 pub struct TopicSpec {
     pub partitions: Option<i32>,
+    /// Copies of each partition; absent: the broker's `default.replication.factor`.
+    pub replication_factor: Option<i32>,
+    /// Replicas that must have a write before `acks=all` answers; absent: the broker's.
+    pub min_insync_replicas: Option<i32>,
     /// `delete` or `compact`.
     pub cleanup_policy: Option<String>,
     pub retention_ms: Option<i64>,
@@ -38,6 +42,8 @@ pub struct TopicsFile {
 pub struct DesiredTopic {
     pub name: String,
     pub partitions: i32,
+    /// `None`: the broker's default.
+    pub replication: Option<i32>,
     pub configs: BTreeMap<String, String>,
 }
 
@@ -78,9 +84,26 @@ impl TopicsFile {
                 if let Some(r) = spec.retention_ms.or(self.defaults.retention_ms) {
                     configs.insert("retention.ms".into(), r.to_string());
                 }
+                let isr = spec
+                    .min_insync_replicas
+                    .or(self.defaults.min_insync_replicas);
+                if let Some(n) = isr {
+                    configs.insert("min.insync.replicas".into(), n.to_string());
+                }
+                let replication = spec
+                    .replication_factor
+                    .or(self.defaults.replication_factor);
+                if let (Some(r), Some(n)) = (replication, isr) {
+                    if n > r {
+                        return Err(CoreError::Config(format!(
+                            "topic {name}: min_insync_replicas {n} exceeds replication_factor {r}: no write could ever succeed"
+                        )));
+                    }
+                }
                 Ok(DesiredTopic {
                     name: format!("{prefix}{name}"),
                     partitions,
+                    replication,
                     configs,
                 })
             })
@@ -95,6 +118,21 @@ pub enum Action {
     UpToDate,
     /// Differences between the file and the broker, one line each.
     Drift(Vec<String>),
+    /// Config differences set to the file's values (`--fix`), one line each.
+    Fixed(Vec<String>),
+}
+
+/// What `apply` does beyond creating missing topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Create nothing, change nothing: report.
+    DryRun,
+    /// Create missing topics; report drift.
+    Create,
+    /// Create missing topics and set drifted configs to the file's values. Partition counts
+    /// and replication factors are still only reported: changing them moves keys or data,
+    /// which is a decision for a person.
+    Fix,
 }
 
 #[derive(Debug, Clone)]
@@ -103,28 +141,32 @@ pub struct Report {
     pub action: Action,
 }
 
-/// Creates missing topics and reports drift of existing ones (never alters them: changing
-/// partition counts moves keys, which is a decision for a person).
-pub async fn apply(
-    clients: &Clients,
-    desired: &[DesiredTopic],
-    dry_run: bool,
-) -> Result<Vec<Report>> {
+/// Creates missing topics and reports (with [`Mode::Fix`], repairs) drift of existing ones,
+/// read back from the broker: partition count and replication factor from metadata, configs
+/// with DescribeConfigs.
+pub async fn apply(clients: &Clients, desired: &[DesiredTopic], mode: Mode) -> Result<Vec<Report>> {
     let reader = clients.reader()?;
     let md = reader
         .fetch_metadata(None, Duration::from_secs(10))
         .map_err(|e| CoreError::kafka("list topics", e))?;
-    let existing: BTreeMap<String, i32> = md
+    // name → (partitions, replication factor)
+    let existing: BTreeMap<String, (i32, i32)> = md
         .topics()
         .iter()
         .filter(|t| t.error().is_none())
-        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .map(|t| {
+            let replicas = t.partitions().first().map_or(0, |p| p.replicas().len());
+            (
+                t.name().to_string(),
+                (t.partitions().len() as i32, replicas as i32),
+            )
+        })
         .collect();
     let admin = clients.admin()?;
     let mut reports = Vec::new();
     for t in desired {
         let action = match existing.get(&t.name) {
-            None if dry_run => Action::WouldCreate,
+            None if mode == Mode::DryRun => Action::WouldCreate,
             None => {
                 let configs: Vec<(&str, &str)> = t
                     .configs
@@ -132,20 +174,33 @@ pub async fn apply(
                     .map(|(k, v)| (k.as_str(), v.as_str()))
                     .collect();
                 clients
-                    .ensure_topic(&t.name, t.partitions, &configs)
+                    .ensure_topic(&t.name, t.partitions, t.replication, &configs)
                     .await?;
                 Action::Created
             }
-            Some(&n) => {
+            Some(&(n, replicas)) => {
                 let mut drift = Vec::new();
                 if n != t.partitions {
                     drift.push(format!("partitions: broker {n}, file {}", t.partitions));
                 }
-                drift.extend(config_drift(&admin, t).await?);
-                if drift.is_empty() {
-                    Action::UpToDate
-                } else {
-                    Action::Drift(drift)
+                if let Some(r) = t.replication.filter(|r| *r != replicas) {
+                    drift.push(format!("replication factor: broker {replicas}, file {r}"));
+                }
+                let (configs, current) = config_drift(&admin, t).await?;
+                if mode == Mode::Fix && !configs.is_empty() {
+                    fix_configs(&admin, t, &current).await?;
+                }
+                match (mode, drift.is_empty(), configs.is_empty()) {
+                    (_, true, true) => Action::UpToDate,
+                    (Mode::Fix, true, false) => Action::Fixed(configs),
+                    (Mode::Fix, false, false) => {
+                        drift.extend(configs.iter().map(|c| format!("{c} (fixed)")));
+                        Action::Drift(drift)
+                    }
+                    _ => {
+                        drift.extend(configs);
+                        Action::Drift(drift)
+                    }
                 }
             }
         };
@@ -157,27 +212,70 @@ pub async fn apply(
     Ok(reports)
 }
 
+type Admin = rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>;
+
+/// The configs whose broker value differs from the file's, one line each, and the configs set
+/// on the topic itself now (what a non-incremental AlterConfigs must send again to keep).
 async fn config_drift(
-    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    admin: &Admin,
     t: &DesiredTopic,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, BTreeMap<String, String>)> {
     let res = admin
         .describe_configs(&[ResourceSpecifier::Topic(&t.name)], &AdminOptions::new())
         .await
         .map_err(|e| CoreError::kafka(format!("describe configs of {}", t.name), e))?;
+    let resource = match res.into_iter().next() {
+        Some(Ok(r)) => r,
+        Some(Err(code)) => {
+            return Err(CoreError::kafka(
+                format!("describe configs of {}", t.name),
+                rdkafka::error::KafkaError::AdminOp(code),
+            ))
+        }
+        None => return Ok(Default::default()),
+    };
     let mut drift = Vec::new();
-    if let Some(Ok(resource)) = res.into_iter().next() {
-        for (k, want) in &t.configs {
-            // Some brokers report only explicitly set configs: a missing entry is unknown,
-            // not drift.
-            if let Some(have) = resource.get(k).and_then(|e| e.value.as_deref()) {
-                if have != want {
-                    drift.push(format!("{k}: broker {have}, file {want}"));
-                }
-            }
+    for (k, want) in &t.configs {
+        // Kafka reports every config, defaults included: a missing one is unknown to it.
+        match resource.get(k).and_then(|e| e.value.as_deref()) {
+            Some(have) if have == want => {}
+            Some(have) => drift.push(format!("{k}: broker {have}, file {want}")),
+            None => drift.push(format!("{k}: unknown to the broker, file {want}")),
         }
     }
-    Ok(drift)
+    let current = resource
+        .entries
+        .iter()
+        .filter(|e| e.source == ConfigSource::DynamicTopic)
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    Ok((drift, current))
+}
+
+/// Sets the file's configs on the topic. AlterConfigs replaces the topic's whole set, so the
+/// configs set on it now and absent from the file are sent again unchanged.
+async fn fix_configs(
+    admin: &Admin,
+    t: &DesiredTopic,
+    current: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut all = current.clone();
+    all.extend(t.configs.clone());
+    let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&t.name));
+    for (k, v) in &all {
+        alter = alter.set(k, v);
+    }
+    let res = admin
+        .alter_configs(&[alter], &AdminOptions::new())
+        .await
+        .map_err(|e| CoreError::kafka(format!("alter configs of {}", t.name), e))?;
+    match res.into_iter().next() {
+        Some(Err((_, code))) => Err(CoreError::kafka(
+            format!("alter configs of {}", t.name),
+            rdkafka::error::KafkaError::AdminOp(code),
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

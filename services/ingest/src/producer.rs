@@ -149,9 +149,9 @@ impl Sink {
         acks.map_err(SendError::Unavailable)
     }
 
-    /// After timeouts an idempotent producer bumps its epoch or stops for good (librdkafka),
-    /// and the local broker panics on a bumped epoch: a fresh producer (new producer id) serves
-    /// the next requests. Records still queued in the old one were answered 503: purge them.
+    /// After timeouts an idempotent producer bumps its epoch or stops for good (librdkafka): a
+    /// fresh producer (new producer id) serves the next requests. Records still queued in the
+    /// old one were answered 503: purge them, so none is written after its client was told no.
     fn replace(&self, generation: u64) {
         let fresh = match Self::create(&self.clients, self.ack_timeout) {
             Ok(p) => p,

@@ -23,6 +23,7 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 use sieve_core::config::{KafkaArgs, LogFormat};
 use sieve_core::telemetry::{self, Health};
+use sieve_core::topics;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -120,11 +121,6 @@ pub struct AllArgs {
     pub shutdown_timeout: Duration,
     #[arg(long, env = "SIEVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Restart a stream service that stays ready with no assigned partitions this long (off by
-    /// default: more members than partitions is legitimate). A workaround for the local
-    /// broker's group coordinator, which can leave a member with an empty assignment for good.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub restart_unassigned_after: Option<Duration>,
 }
 
 impl AllArgs {
@@ -183,8 +179,6 @@ struct Status {
     health_addr: SocketAddr,
     #[serde(skip)]
     tail: VecDeque<String>,
-    #[serde(skip)]
-    unassigned_since: Option<Instant>,
 }
 
 type Board = Arc<Vec<Mutex<Status>>>;
@@ -198,7 +192,7 @@ pub fn run(args: AllArgs) -> anyhow::Result<ExitCode> {
         bail!("--services names no service");
     }
     if let Some(file) = &args.topics {
-        let code = crate::ctl::topics_apply(args.kafka.clone(), file, "", false)?;
+        let code = crate::ctl::topics_apply(args.kafka.clone(), file, "", topics::Mode::Create)?;
         if code != ExitCode::SUCCESS {
             tracing::warn!(file = %file.display(), "topics drift from the file; starting anyway");
         }
@@ -228,7 +222,6 @@ async fn supervise(args: AllArgs, exe: PathBuf) -> anyhow::Result<ExitCode> {
                     restarts: 0,
                     health_addr: args.health_addr(s),
                     tail: VecDeque::new(),
-                    unassigned_since: None,
                 })
             })
             .collect(),
@@ -255,12 +248,7 @@ async fn supervise(args: AllArgs, exe: PathBuf) -> anyhow::Result<ExitCode> {
             fatal_tx.clone(),
         )));
     }
-    tokio::spawn(watch_readiness(
-        board.clone(),
-        health,
-        args.restart_unassigned_after,
-        stop_rx.clone(),
-    ));
+    tokio::spawn(watch_readiness(board.clone(), health, stop_rx.clone()));
     tracing::info!(
         services = ?services.iter().map(|s| s.name()).collect::<Vec<_>>(),
         addr = %args.metrics_addr,
@@ -440,15 +428,8 @@ async fn terminate(child: &mut Child, svc: Svc, timeout: Duration) {
     }
 }
 
-/// Polls every service's /readyz; the supervisor is ready when all are. With
-/// `unassigned_limit`, a stream service ready with no partitions for that long gets SIGTERM
-/// (and is restarted like any service that stopped).
-async fn watch_readiness(
-    board: Board,
-    health: Arc<Health>,
-    unassigned_limit: Option<Duration>,
-    stop: watch::Receiver<bool>,
-) {
+/// Polls every service's /readyz; the supervisor is ready when all are.
+async fn watch_readiness(board: Board, health: Arc<Health>, stop: watch::Receiver<bool>) {
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(1))
         .build();
@@ -460,14 +441,13 @@ async fn watch_readiness(
                 (st.health_addr, st.pid, st.service)
             };
             let agent = agent.clone();
-            let watch_assignment = unassigned_limit.is_some() && svc != Svc::Ingest;
-            let (ready, assigned) = match pid {
-                Some(_) => {
-                    tokio::task::spawn_blocking(move || probe(&agent, addr, watch_assignment))
-                        .await
-                        .unwrap_or((false, None))
-                }
-                None => (false, None),
+            let ready = match pid {
+                Some(_) => tokio::task::spawn_blocking(move || {
+                    agent.get(&format!("http://{addr}/readyz")).call().is_ok()
+                })
+                .await
+                .unwrap_or(false),
+                None => false,
             };
             let mut st = lock(&board, i);
             st.ready = ready && st.pid.is_some();
@@ -478,48 +458,10 @@ async fn watch_readiness(
             } else {
                 0.0
             });
-            if !(st.ready && assigned == Some(0.0)) {
-                st.unassigned_since = None;
-                continue;
-            }
-            let since = *st.unassigned_since.get_or_insert_with(Instant::now);
-            if let (Some(limit), Some(pid)) = (unassigned_limit, st.pid) {
-                if since.elapsed() >= limit {
-                    tracing::warn!(
-                        service = svc.name(),
-                        ?limit,
-                        "ready with no partitions: restarting it"
-                    );
-                    st.unassigned_since = None;
-                    // SAFETY: kill(2) on our own running child's pid.
-                    unsafe {
-                        libc::kill(pid as libc::pid_t, libc::SIGTERM);
-                    }
-                }
-            }
         }
         health.set_joined(all);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// Whether a service answers /readyz with 200 and, when asked, its assigned partitions.
-fn probe(agent: &ureq::Agent, addr: SocketAddr, assignment: bool) -> (bool, Option<f64>) {
-    let ready = agent.get(&format!("http://{addr}/readyz")).call().is_ok();
-    if !(ready && assignment) {
-        return (ready, None);
-    }
-    let assigned = agent
-        .get(&format!("http://{addr}/metrics"))
-        .call()
-        .ok()
-        .and_then(|r| r.into_string().ok())
-        .and_then(|body| {
-            body.lines()
-                .find_map(|l| l.strip_prefix("sieve_assigned_partitions "))
-                .and_then(|v| v.trim().parse().ok())
-        });
-    (ready, assigned)
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ pub fn topics_apply(
     kafka: KafkaArgs,
     file: &Path,
     prefix: &str,
-    dry_run: bool,
+    mode: topics::Mode,
 ) -> anyhow::Result<ExitCode> {
     let desired = TopicsFile::load(file)?.desired(prefix)?;
     let clients = Clients::new(kafka);
@@ -31,7 +31,7 @@ pub fn topics_apply(
         .enable_all()
         .build()?;
     let reports = rt
-        .block_on(topics::apply(&clients, &desired, dry_run))
+        .block_on(topics::apply(&clients, &desired, mode))
         .context("applying topics")?;
     let mut drifted = 0;
     println!("{:<32} RESULT", "TOPIC");
@@ -40,6 +40,7 @@ pub fn topics_apply(
             Action::Created => "created".to_string(),
             Action::WouldCreate => "would create".to_string(),
             Action::UpToDate => "up to date".to_string(),
+            Action::Fixed(d) => format!("fixed: {}", d.join("; ")),
             Action::Drift(d) => {
                 drifted += 1;
                 format!("DRIFT: {}", d.join("; "))
@@ -47,8 +48,8 @@ pub fn topics_apply(
         };
         println!("{:<32} {what}", r.topic);
     }
-    // Drift is reported, never "fixed" (changing partitions moves keys): exit 3 lets
-    // scripts notice.
+    // Drift that remains (partitions and replication are never changed here; configs without
+    // --fix): exit 3 lets scripts notice.
     Ok(if drifted > 0 {
         ExitCode::from(3)
     } else {
@@ -184,10 +185,9 @@ pub fn count(kafka: KafkaArgs, topic: &str, distinct_keys: bool) -> anyhow::Resu
     clients.check_reachable()?;
     let reader = clients.reader()?;
     let marks = watermarks(&clients, &reader, topic)?;
-    if !distinct_keys {
-        println!("{}", marks.iter().map(|(_, lo, hi)| hi - lo).sum::<i64>());
-        return Ok(ExitCode::SUCCESS);
-    }
+    // Records, not offsets: a transaction's commit marker takes an offset and an aborted
+    // transaction's records are never read; compaction leaves gaps.
+    let mut records = 0u64;
     let mut keys: HashSet<Vec<u8>> = HashSet::new();
     for (p, lo, hi) in marks {
         sieve_core::changelog::read_range(
@@ -198,12 +198,22 @@ pub fn count(kafka: KafkaArgs, topic: &str, distinct_keys: bool) -> anyhow::Resu
             hi,
             Duration::from_secs(30),
             |m| {
-                keys.insert(m.key().unwrap_or_default().to_vec());
+                records += 1;
+                if distinct_keys {
+                    keys.insert(m.key().unwrap_or_default().to_vec());
+                }
                 Ok(())
             },
         )?;
     }
-    println!("{}", keys.len());
+    println!(
+        "{}",
+        if distinct_keys {
+            keys.len() as u64
+        } else {
+            records
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -223,9 +223,11 @@ pub fn redrive(
     clients.check_reachable()?;
     let reader = clients.reader()?;
     let ledger = redriven_topic(topic);
+    let replication = clients.replication_of(&reader, topic)?;
     futures::executor::block_on(clients.ensure_topic(
         &ledger,
         1,
+        Some(replication),
         &[("cleanup.policy", "compact"), ("retention.ms", "-1")],
     ))?;
     let done = redriven_set(&reader, &ledger)?;

@@ -9,6 +9,7 @@ use sieve::dlq;
 use sieve::gen::{self, EventSpec, UsersSpec};
 use sieve::replay::{self, Target};
 use sieve_core::config::{KafkaArgs, KafkaProperty, LogFormat, ServiceArgs};
+use sieve_core::topics;
 use sieve_dedup::DedupArgs;
 
 #[derive(Debug, Parser)]
@@ -254,7 +255,8 @@ impl ReplayArgs {
 
 #[derive(Debug, Subcommand)]
 enum TopicsCmd {
-    /// Create missing topics; report drift (partitions, configs) of existing ones.
+    /// Create missing topics; report drift (partitions, replication, configs) of existing
+    /// ones, read back from the broker; with --fix, set drifted configs to the file's values.
     Apply {
         #[command(flatten)]
         kafka: KafkaArgs,
@@ -264,10 +266,16 @@ enum TopicsCmd {
         #[arg(long, default_value = "")]
         prefix: String,
         /// Show what would change without creating anything.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "fix")]
         dry_run: bool,
+        /// Set configs that differ from the file (partitions and replication are only
+        /// reported: changing them moves keys or data).
+        #[arg(long)]
+        fix: bool,
     },
-    /// Number of records in a topic (from end and start offsets).
+    /// Number of records in a topic, read from start to end as a `read_committed` consumer
+    /// sees them (offsets overcount: transaction markers take offsets, compaction removes
+    /// records).
     Count {
         #[command(flatten)]
         kafka: KafkaArgs,
@@ -453,8 +461,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         file,
                         prefix,
                         dry_run,
+                        fix,
                     },
-            } => ctl::topics_apply(kafka, &file, &prefix, dry_run),
+            } => {
+                let mode = match (dry_run, fix) {
+                    (true, _) => topics::Mode::DryRun,
+                    (_, true) => topics::Mode::Fix,
+                    _ => topics::Mode::Create,
+                };
+                ctl::topics_apply(kafka, &file, &prefix, mode)
+            }
             Ctl::Topics {
                 command:
                     TopicsCmd::Count {

@@ -7,12 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use sieve_core::config::KafkaArgs;
 use sieve_core::kafka::Clients;
-use sieve_core::members;
-use sieve_core::replay::{self, Request};
+use sieve_core::replay;
 
 use crate::ctl::watermarks;
 
@@ -83,7 +81,7 @@ pub fn run(kafka: KafkaArgs, args: &Args<'_>) -> anyhow::Result<ExitCode> {
         marks.retain(|(p, _, _)| args.partitions.contains(p));
     }
     let consumer: BaseConsumer = clients.consumer_config(args.group).create()?;
-    refuse_active_members(&consumer, &reader, args.group)?;
+    refuse_active_members(&consumer, args.group)?;
 
     let mut tpl = TopicPartitionList::new();
     for (p, _, _) in &marks {
@@ -122,7 +120,6 @@ pub fn run(kafka: KafkaArgs, args: &Args<'_>) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let id = new_id();
-    record_requests(&clients, args.group, args.topic, &rows, &id)?;
     let mut commit = TopicPartitionList::new();
     for r in &rows {
         commit
@@ -145,36 +142,25 @@ pub fn run(kafka: KafkaArgs, args: &Args<'_>) -> anyhow::Result<ExitCode> {
 
 /// Resetting offsets under a running member would be overwritten by its next commit, and a
 /// running stateful member would not rebuild its state: refuse, naming the members.
-/// The broker's group description decides; where the broker cannot describe groups (the
-/// local broker), sieve's member beacons do (`sieve_core::members`).
-fn refuse_active_members(
-    consumer: &BaseConsumer,
-    reader: &BaseConsumer,
-    group: &str,
-) -> anyhow::Result<()> {
-    let members: Vec<String> = match consumer.fetch_group_list(Some(group), TIMEOUT) {
-        Ok(groups) => groups
-            .groups()
-            .iter()
-            .filter(|g| g.name() == group)
-            .flat_map(|g| g.members())
-            .map(|m| {
-                format!(
-                    "{} (client {}, host {})",
-                    m.id(),
-                    m.client_id(),
-                    m.client_host()
-                )
-            })
-            .collect(),
-        Err(e) => {
-            eprintln!("note: the broker cannot describe group {group} ({e}); using sieve's member beacons");
-            members::active(reader, group)?
-                .iter()
-                .map(ToString::to_string)
-                .collect()
-        }
-    };
+/// The broker's group description (DescribeGroups) decides; a member's client id names its
+/// host and pid (`sieve_core::kafka::client_id`).
+fn refuse_active_members(consumer: &BaseConsumer, group: &str) -> anyhow::Result<()> {
+    let members: Vec<String> = consumer
+        .fetch_group_list(Some(group), TIMEOUT)
+        .with_context(|| format!("describing group {group}"))?
+        .groups()
+        .iter()
+        .filter(|g| g.name() == group)
+        .flat_map(|g| g.members())
+        .map(|m| {
+            format!(
+                "{} (client {}, address {})",
+                m.id(),
+                m.client_id(),
+                m.client_host()
+            )
+        })
+        .collect();
     if !members.is_empty() {
         bail!(
             "group {group} has {} active member(s): {}; stop them before replaying",
@@ -210,38 +196,6 @@ fn offsets_for_time(
             (*p, o)
         })
         .collect())
-}
-
-/// Writes the request of every partition to the group's requests topic, for brokers that
-/// do not return commit metadata (see `sieve_core::replay`).
-fn record_requests(
-    clients: &Clients,
-    group: &str,
-    topic: &str,
-    rows: &[Row],
-    id: &str,
-) -> anyhow::Result<()> {
-    let requests = replay::requests_topic(group);
-    futures::executor::block_on(clients.ensure_topic(
-        &requests,
-        1,
-        &[("cleanup.policy", "compact"), ("retention.ms", "-1")],
-    ))?;
-    let producer = clients.producer()?;
-    let mut pending = Vec::new();
-    for r in rows {
-        let key = replay::request_key(topic, r.partition);
-        let value = serde_json::to_vec(&Request {
-            id: id.to_string(),
-            offset: r.new,
-        })?;
-        let rec = FutureRecord::to(&requests)
-            .key(key.as_bytes())
-            .payload(&value)
-            .partition(0);
-        pending.push(producer.send_result(rec).map_err(|(e, _)| e)?);
-    }
-    crate::ctl::settle(&mut pending)
 }
 
 /// A replay id no earlier replay of any group used: time and randomness.

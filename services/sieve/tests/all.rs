@@ -1,4 +1,4 @@
-//! `sieve all` end to end: every service under one supervisor on a real local broker, records
+//! `sieve all` end to end: every service under one supervisor on Apache Kafka started by the harness, records
 //! through each stage, a SIGKILLed service restarted by the supervisor with exactly-once output,
 //! and a SIGTERM that stops everything after committing what was processed.
 
@@ -66,10 +66,6 @@ impl All {
             &base.to_string(),
             "--ingest-listen",
             &ingest,
-            // The local broker can leave a member that joined right after a SIGKILL with no
-            // partitions for good (see `Service::restart_if_unassigned`).
-            "--restart-unassigned-after",
-            "40s",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -1,10 +1,13 @@
-//! `sieve ctl` against a real local broker: topics from the declarative file, and lag.
+//! `sieve ctl` against Apache Kafka started by the harness: topics from the declarative file, and lag.
 
 use std::path::Path;
 use std::process::Command;
 
+use std::time::Duration;
+
 use anyhow::{ensure, Result};
-use sieve_tests::{unique, Broker};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use sieve_tests::{service_args_at, unique, wait_for, Broker, Cluster, Service};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
@@ -70,6 +73,49 @@ fn topics_apply_creates_then_reports_up_to_date_and_drift() -> Result<()> {
         "{code}: {out}"
     );
     ensure!(broker.end_offsets(&format!("{other}events.raw"))?.len() == 3);
+
+    // Config drift, read back with DescribeConfigs: reported, then set by --fix, keeping the
+    // configs the file does not name.
+    let drifted = format!("{prefix}events.unique");
+    let admin = broker.clients().admin()?;
+    let alter =
+        rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&drifted))
+            .set("retention.ms", "1000")
+            .set("cleanup.policy", "delete")
+            .set("segment.ms", "3600000");
+    sieve_tests::block(admin.alter_configs(&[alter], &rdkafka::admin::AdminOptions::new()))?;
+    let (code, out) = apply(&prefix, &[])?;
+    ensure!(
+        code == 3 && out.contains("retention.ms: broker 1000, file 604800000"),
+        "{code}: {out}"
+    );
+    let (code, out) = apply(&prefix, &["--fix"])?;
+    ensure!(
+        code == 0 && out.contains("fixed: retention.ms: broker 1000"),
+        "{code}: {out}"
+    );
+    let (code, out) = apply(&prefix, &[])?;
+    ensure!(code == 0 && !out.contains("DRIFT"), "{code}: {out}");
+    let configs = sieve_tests::block(admin.describe_configs(
+        &[rdkafka::admin::ResourceSpecifier::Topic(&drifted)],
+        &rdkafka::admin::AdminOptions::new(),
+    ))?;
+    let segment_ms = configs
+        .into_iter()
+        .next()
+        .and_then(|r| r.ok())
+        .and_then(|r| r.get("segment.ms").and_then(|e| e.value.clone()));
+    ensure!(
+        segment_ms.as_deref() == Some("3600000"),
+        "--fix dropped a config the file does not name: {segment_ms:?}"
+    );
+    // A partition count is never changed, even with --fix.
+    let (code, out) = apply(&other, &["--fix"])?;
+    ensure!(
+        code == 3 && out.contains("DRIFT: partitions"),
+        "{code}: {out}"
+    );
+    ensure!(broker.end_offsets(&format!("{other}events.raw"))?.len() == 3);
     Ok(())
 }
 
@@ -109,5 +155,114 @@ fn lag_equals_end_minus_committed() -> Result<()> {
         let row = format!("{p:>9} {:>12} {end:>12} {end:>10}", "-");
         ensure!(table.contains(&row), "missing row {row:?} in:\n{table}");
     }
+    Ok(())
+}
+
+/// `ctl topics count` counts records as a `read_committed` reader sees them: a transaction's
+/// commit marker and an aborted transaction's records take offsets but are not records.
+#[test]
+fn count_reads_records_not_offsets() -> Result<()> {
+    let broker = Broker::start()?;
+    let topic = unique("txn");
+    broker.create_topic(&topic, 2)?;
+    let mut cfg = broker.clients().producer_config();
+    cfg.set("transactional.id", unique("txn-id"))
+        .set("transaction.timeout.ms", "120000");
+    let producer: BaseProducer = cfg.create()?;
+    let timeout = Duration::from_secs(30);
+    producer.init_transactions(timeout)?;
+    for (n, commit) in [(100, true), (30, false)] {
+        producer.begin_transaction()?;
+        for i in 0..n {
+            let key = format!("k{i}");
+            producer
+                .send(BaseRecord::to(&topic).key(&key).payload("v"))
+                .map_err(|(e, _)| e)?;
+        }
+        if commit {
+            producer.commit_transaction(timeout)?;
+        } else {
+            producer.flush(timeout)?;
+            producer.abort_transaction(timeout)?;
+        }
+    }
+    let offsets: i64 = broker.end_offsets(&topic)?.values().sum();
+    ensure!(
+        offsets > 130,
+        "markers and aborted records should take offsets: {offsets}"
+    );
+    let addr = broker.addr();
+    let (code, out) = sieve(&[
+        "ctl",
+        "topics",
+        "count",
+        "--brokers",
+        &addr,
+        "--topic",
+        &topic,
+    ])?;
+    ensure!(code == 0 && out.trim() == "100", "{code}: {out}");
+    Ok(())
+}
+
+/// On a three-node cluster, the file's topics get the broker's replication (3, min ISR 2), and
+/// the changelog topic dedup creates copies its input's replication factor: losing a broker
+/// loses neither the input nor the state.
+#[test]
+fn topics_and_changelogs_get_the_clusters_replication() -> Result<()> {
+    let cluster = Cluster::start(3)?;
+    let addr = cluster.addr();
+    let prefix = format!("{}-", unique("r"));
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/topics.toml");
+    let file = file.to_str().unwrap_or_default();
+    let (code, out) = sieve(&[
+        "ctl",
+        "topics",
+        "apply",
+        "--brokers",
+        &addr,
+        "--file",
+        file,
+        "--prefix",
+        &prefix,
+    ])?;
+    ensure!(code == 0, "{out}");
+    let clients = cluster.clients();
+    let reader = clients.reader()?;
+    let raw = format!("{prefix}events.raw");
+    ensure!(clients.replication_of(&reader, &raw)? == 3);
+    let admin = clients.admin()?;
+    let configs = sieve_tests::block(admin.describe_configs(
+        &[rdkafka::admin::ResourceSpecifier::Topic(&raw)],
+        &rdkafka::admin::AdminOptions::new(),
+    ))?;
+    let isr = configs
+        .into_iter()
+        .next()
+        .and_then(|r| r.ok())
+        .and_then(|r| r.get("min.insync.replicas").and_then(|e| e.value.clone()));
+    ensure!(isr.as_deref() == Some("2"), "min.insync.replicas {isr:?}");
+
+    let group = unique("repl");
+    let dir = tempfile::tempdir()?;
+    let mut args: Vec<String> = [
+        "dedup".to_string(),
+        "--input".into(),
+        raw.clone(),
+        "--output".into(),
+        format!("{prefix}events.unique"),
+        "--dlq".into(),
+        format!("{prefix}dlq.dedup"),
+    ]
+    .to_vec();
+    args.extend(service_args_at(&addr, &group, &dir.path().join("state")));
+    let mut svc = Service::spawn(Path::new(BIN), &args, &[], dir.path())?;
+    let changelog = sieve_core::changelog::topic_name(&group, &raw);
+    let replication = wait_for("dedup's changelog topic", Duration::from_secs(90), || {
+        clients.replication_of(&reader, &changelog).ok()
+    });
+    let replication = replication.map_err(|e| e.context(svc.log_tail(20)))?;
+    ensure!(replication == 3, "changelog replication {replication}");
+    assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
     Ok(())
 }

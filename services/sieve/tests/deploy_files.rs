@@ -451,3 +451,123 @@ fn promtool_accepts_and_unit_tests_the_rules() -> Result<()> {
     }
     Ok(())
 }
+
+/// Settings of deploy/kafka/server.properties that name one node (its id, addresses, data
+/// directory): each deployment sets its own.
+const PER_NODE: &[&str] = &[
+    "node.id",
+    "listeners",
+    "advertised.listeners",
+    "listener.security.protocol.map",
+    "controller.quorum.voters",
+    "log.dirs",
+];
+
+/// The Kafka version `scripts/broker.sh` pins.
+fn pinned_kafka() -> Result<String> {
+    let out = Command::new(root().join("scripts/broker.sh"))
+        .arg("version")
+        .output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// A Kafka container runs the pinned version with, as `KAFKA_*` variables, every setting of
+/// deploy/kafka/server.properties (replication and min ISR as given), and nothing else but
+/// per-node addresses, the cluster id and the heap.
+fn check_kafka(
+    what: &str,
+    image: Option<&str>,
+    env: &std::collections::BTreeMap<String, String>,
+    replication: &str,
+    min_isr: &str,
+) -> Result<()> {
+    let version = pinned_kafka()?;
+    ensure!(
+        image == Some(&format!("apache/kafka:{version}")),
+        "{what} runs {image:?}, scripts/broker.sh pins {version}"
+    );
+    ensure!(
+        env.get("KAFKA_LOG_DIRS").map(String::as_str) == Some("/var/lib/kafka/data"),
+        "{what} keeps Kafka's data off its volume"
+    );
+    let var = |k: &str| format!("KAFKA_{}", k.to_uppercase().replace('.', "_"));
+    let mut expected = std::collections::BTreeMap::new();
+    for line in read("deploy/kafka/server.properties")?.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line.split_once('=').context("a property without '='")?;
+        if PER_NODE.contains(&k) {
+            ensure!(env.contains_key(&var(k)), "{what} does not set {}", var(k));
+            continue;
+        }
+        let v = v
+            .replace("@REPLICATION@", replication)
+            .replace("@MIN_ISR@", min_isr);
+        ensure!(
+            !v.contains('@'),
+            "{k}={v}: a placeholder {what} cannot fill"
+        );
+        expected.insert(var(k), v);
+    }
+    for (k, want) in &expected {
+        ensure!(
+            env.get(k) == Some(want),
+            "{what}: {k}={:?}, deploy/kafka/server.properties says {want}",
+            env.get(k)
+        );
+    }
+    for k in env.keys() {
+        let per_node = PER_NODE.iter().any(|p| *k == var(p));
+        ensure!(
+            expected.contains_key(k)
+                || per_node
+                || ["CLUSTER_ID", "KAFKA_HEAP_OPTS"].contains(&k.as_str()),
+            "{what} sets {k}, which deploy/kafka/server.properties does not: add it there"
+        );
+    }
+    Ok(())
+}
+
+/// docker-compose.yml and the Kubernetes manifest run the Kafka that `scripts/broker.sh`
+/// runs: one node with replication 1, three nodes with replication 3 and min ISR 2.
+#[test]
+fn compose_and_kubernetes_kafka_run_the_scripts_version_and_properties() -> Result<()> {
+    let mut compose: Value = serde_norway::from_str(&read("docker-compose.yml")?)?;
+    compose.apply_merge()?;
+    let kafka = &compose["services"]["kafka"];
+    let env = kafka["environment"]
+        .as_mapping()
+        .context("compose kafka has no environment")?
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+        .collect();
+    check_kafka("compose kafka", kafka["image"].as_str(), &env, "1", "1")?;
+
+    let text = read("deploy/k8s/kafka/kafka.yaml")?;
+    let mut found = false;
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let doc = <Value as serde::Deserialize>::deserialize(doc)?;
+        if doc["kind"].as_str() != Some("StatefulSet") {
+            continue;
+        }
+        found = true;
+        ensure!(doc["spec"]["replicas"].as_u64() == Some(3));
+        let c = &doc["spec"]["template"]["spec"]["containers"][0];
+        let env = c["env"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                Some((
+                    e["name"].as_str()?.to_string(),
+                    e["value"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        check_kafka("k8s kafka", c["image"].as_str(), &env, "3", "2")?;
+    }
+    ensure!(found, "deploy/k8s/kafka/kafka.yaml has no StatefulSet");
+    Ok(())
+}

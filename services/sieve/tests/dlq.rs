@@ -1,4 +1,4 @@
-//! `sieve ctl dlq` on `sieve dedup`'s DLQ, on a real local broker: reasons with counts,
+//! `sieve ctl dlq` on `sieve dedup`'s DLQ, on Apache Kafka started by the harness: reasons with counts,
 //! records shown with their origin, redrive of original bytes and headers with a marker, and
 //! no DLQ record redriven twice whatever the filters.
 

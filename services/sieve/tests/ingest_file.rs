@@ -1,5 +1,5 @@
 //! `sieve ingest file` end to end: the real binary as a child process, generated files,
-//! a real local broker. The topic is compared with the input record by record.
+//! Apache Kafka started by the harness. The topic is compared with the input record by record.
 
 mod ingest_common;
 
@@ -306,8 +306,7 @@ fn a_2_gb_json_array_validates_with_peak_rss_under_200_mb() -> Result<()> {
 #[test]
 fn a_large_json_array_loads_with_peak_rss_under_200_mb() -> Result<()> {
     let s = Setup::new(8)?;
-    // ~193 MB of 1 KB records: large next to the bound, small enough for a 2-core CI run
-    // (the local broker takes ~1 minute for it, ~2 with other tests on the same cores).
+    // ~193 MB of 1 KB records: large next to the bound, small enough for a 2-core CI run.
     let n = 180_000u64;
     let array = s.dir.path().join("huge.json");
     write_array(&array, n, 0, 1000)?;

@@ -1,4 +1,4 @@
-//! `sieve ctl replay` of `sieve dedup` end to end, on a real local broker: a replay re-emits
+//! `sieve ctl replay` of `sieve dedup` end to end, on Apache Kafka started by the harness: a replay re-emits
 //! exactly what the first run emitted for the replayed range (same ids, keys and order per
 //! output partition), retries of keys seen before the replay point are still duplicates, a
 //! dry run changes nothing, and a group with a running member is refused.
@@ -219,7 +219,7 @@ fn replay_is_refused_while_a_member_is_active() -> Result<()> {
     let (code, out) = p.replay(&["--to-earliest", "--execute"])?;
     ensure!(code != 0, "replay ran beside a member:\n{out}");
     ensure!(
-        out.contains("active member") && out.contains(&format!("pid {pid}")),
+        out.contains("active member") && out.contains(&format!("/pid={pid}")),
         "the refusal does not name member pid {pid}:\n{out}"
     );
     ensure!(p.broker.committed(&p.group, &p.raw)? == committed);

@@ -7,8 +7,8 @@
 //! measured (the process's high-water mark is reset before it), so the set's growth shows
 //! beside dedup's bounded state. `--json` writes the results for `bench/run`.
 //!
-//!   cargo run -p sieve-tests --bin sieve-bench-core -- [--records N] [--engine sqlite|memory]
-//!     [--stages raw,core-eo,core-alo,dedup,antijoin,naive-dedup] [--json PATH]
+//!   cargo run -p sieve-tests --bin sieve-bench-core -- [--records N]
+//!     [--stages raw,raw-default,core-eo,core-alo,dedup,antijoin,naive-dedup] [--json PATH]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,15 +17,16 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 use clap::Parser;
 use futures::future::join_all;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use sieve_core::config::{Guarantee, LogFormat, ServiceArgs};
 use sieve_core::record::Output;
 use sieve_core::runner::{self, Ctx, Operator, OperatorFactory};
 use sieve_core::store::PartitionStore;
 use sieve_core::telemetry::Health;
-use sieve_tests::{unique, wait_for, Broker, Engine};
+use sieve_tests::{broker_name, unique, wait_for, Broker};
 
 #[derive(Parser)]
 struct Args {
@@ -35,9 +36,6 @@ struct Args {
     partitions: i32,
     #[arg(long, default_value_t = 100)]
     value_bytes: usize,
-    /// sqlite (correct, slower) or memory (fast; valid only because counts are checked).
-    #[arg(long, default_value = "sqlite")]
-    engine: String,
     /// Share of input records that repeat an earlier key with the same payload.
     #[arg(long, default_value_t = 0.1)]
     retry_rate: f64,
@@ -50,8 +48,9 @@ struct Args {
 }
 
 /// Every stage. The naive dedup runs last: the memory its set held stays in the process.
-const STAGES: [&str; 6] = [
+const STAGES: [&str; 7] = [
     "raw",
+    "raw-default",
     "core-eo",
     "core-alo",
     "dedup",
@@ -112,19 +111,44 @@ impl OperatorFactory for PassFactory {
     }
 }
 
+/// librdkafka's own defaults, with only what a consume→produce loop needs: where, the group,
+/// manual offsets from the start, and the idempotent producer every stage of sieve uses.
+fn default_configs(broker: &Broker) -> (ClientConfig, ClientConfig) {
+    let mut consumer = ClientConfig::new();
+    consumer
+        .set("bootstrap.servers", broker.addr())
+        .set("group.id", unique("raw-default"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    let mut producer = ClientConfig::new();
+    producer
+        .set("bootstrap.servers", broker.addr())
+        .set("enable.idempotence", "true");
+    (consumer, producer)
+}
+
+/// sieve's client settings (`sieve_core::kafka::Clients`).
+fn tuned_configs(broker: &Broker) -> (ClientConfig, ClientConfig) {
+    let clients = broker.clients();
+    (
+        clients.consumer_config(&unique("raw")),
+        clients.producer_config(),
+    )
+}
+
 /// Raw librdkafka: consume every record, produce those `keep` accepts, wait for all acks,
 /// commit.
 fn raw_passthrough(
-    broker: &Broker,
+    (consumer, producer): (ClientConfig, ClientConfig),
     input: &str,
     output: &str,
     n: usize,
     mut keep: impl FnMut(&BorrowedMessage<'_>) -> bool,
 ) -> Result<Duration> {
-    let clients = broker.clients();
-    let consumer: BaseConsumer = clients.consumer_config(&unique("raw")).create()?;
+    let consumer: BaseConsumer = consumer.create()?;
     consumer.subscribe(&[input])?;
-    let producer = clients.producer()?;
+    let producer: FutureProducer = producer.create()?;
     let started = Instant::now();
     let mut pending = Vec::with_capacity(n);
     let mut seen = 0;
@@ -296,12 +320,8 @@ fn bloom_bits_per_key(keys: usize) -> Result<(f64, f64)> {
 fn main() -> Result<()> {
     let args = Args::parse();
     sieve_core::telemetry::init_logs(LogFormat::Text);
-    let engine = if args.engine == "memory" {
-        Engine::Memory
-    } else {
-        Engine::Sqlite
-    };
-    let broker = Broker::start_with(engine)?;
+    let broker = Broker::start()?;
+    let engine = broker_name()?;
     let input = unique("bench-in");
     broker.create_topic(&input, args.partitions)?;
     // Every record has its own idempotency key except `retry_rate` exact repeats, so the
@@ -352,8 +372,13 @@ fn main() -> Result<()> {
         reset_peak_rss()?;
         let (name, elapsed, expect) = match stage.as_str() {
             "raw" => (
-                "raw librdkafka pass-through",
-                raw_passthrough(&broker, &input, &out, records, |_| true)?,
+                "raw librdkafka pass-through (sieve's client settings)",
+                raw_passthrough(tuned_configs(&broker), &input, &out, records, |_| true)?,
+                records,
+            ),
+            "raw-default" => (
+                "raw librdkafka pass-through (librdkafka defaults)",
+                raw_passthrough(default_configs(&broker), &input, &out, records, |_| true)?,
                 records,
             ),
             "core-eo" => (
@@ -378,9 +403,10 @@ fn main() -> Result<()> {
             ),
             "naive-dedup" => {
                 let mut seen = std::collections::HashSet::new();
-                let elapsed = raw_passthrough(&broker, &input, &out, records, |m| {
-                    seen.insert(m.key().map(<[u8]>::to_vec))
-                })?;
+                let elapsed =
+                    raw_passthrough(tuned_configs(&broker), &input, &out, records, |m| {
+                        seen.insert(m.key().map(<[u8]>::to_vec))
+                    })?;
                 ("naive dedup (HashSet of every key)", elapsed, unique_n)
             }
             other => anyhow::bail!("unknown stage {other}; stages: {}", STAGES.join(",")),
@@ -409,12 +435,12 @@ fn main() -> Result<()> {
         .map_or(f64::NAN, |r| r.records_per_s);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "\n{} records x {} B ({:.0} % retries), {} partitions, {} engine, {cores} cores\n",
+        "\n{} records x {} B ({:.0} % retries), {} partitions, {}, {cores} cores\n",
         records,
         args.value_bytes,
         args.retry_rate * 100.0,
         args.partitions,
-        args.engine,
+        engine,
     );
     println!(
         "| run | input records/s | ratio to raw | peak RSS (MiB) |\n| --- | ---: | ---: | ---: |"
@@ -440,7 +466,7 @@ fn main() -> Result<()> {
             "value_bytes": args.value_bytes,
             "retry_rate": args.retry_rate,
             "partitions": args.partitions,
-            "engine": args.engine,
+            "engine": engine,
             "cores": cores,
             "stages": rows,
             "bloom": {"keys": 1_000_000, "bits_per_key": bits, "false_positive_rate": fp},

@@ -10,7 +10,7 @@ use clap::Parser;
 use sieve_tests::chaos::{self, Config};
 
 #[derive(Parser)]
-#[command(about = "Chaos run of the sieve pipeline on a local broker")]
+#[command(about = "Chaos run of the sieve pipeline on a local Kafka broker")]
 struct Args {
     /// Seed of every random choice; printed, so a failing run can be repeated.
     #[arg(long)]

@@ -35,10 +35,6 @@ pub struct Fleet {
     ingest_port: u16,
 }
 
-/// A member restarts by itself when the local broker leaves it ready without partitions
-/// for this long (see `Service::restart_if_unassigned`).
-const STALL: Duration = Duration::from_secs(40);
-
 impl Fleet {
     pub fn start(cfg: &Config, broker: &Broker, t: &Topics, dir: &Path) -> Result<Fleet> {
         let logs = dir.join("logs");
@@ -157,8 +153,8 @@ impl Fleet {
         format!("http://127.0.0.1:{}/v1/events/events", self.ingest_port)
     }
 
-    /// Restarts a service that exited by itself (recorded: each is a failure) and a member
-    /// the local broker left without partitions.
+    /// Restarts a service that exited by itself (recorded: each is a failure). A member left
+    /// without partitions is not restarted: its lag fails the reconciliation.
     pub fn watch(&mut self, faults: &mut Faults) -> Result<()> {
         for slot in &mut self.slots {
             if let Some(code) = slot.svc.exited() {
@@ -168,9 +164,6 @@ impl Fleet {
                     slot.svc.log_tail(20)
                 ));
                 slot.svc.respawn()?;
-            }
-            if slot.state.is_some() && slot.svc.restart_if_unassigned(STALL)? {
-                faults.harness_restarts += 1;
             }
         }
         Ok(())

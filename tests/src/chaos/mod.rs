@@ -1,5 +1,5 @@
 //! The chaos runner: the whole pipeline (ingest → dedup → anti-join, and notify) as child
-//! processes on one local broker, a workload whose exact answer is known, SIGKILLs of random
+//! processes on one Kafka broker, a workload whose exact answer is known, SIGKILLs of random
 //! services at random moments (sometimes with the state directory deleted, sometimes with a
 //! second instance forcing a rebalance), SIGKILLs of the broker itself, and at the end a
 //! reconciliation read from the topics with a plain consumer.
@@ -75,8 +75,6 @@ pub struct Faults {
     pub state_wipes: u32,
     pub rebalances: u32,
     pub broker_kills: u32,
-    /// Members the harness restarted for the local broker's empty-assignment stall.
-    pub harness_restarts: u32,
     /// Services that exited without being killed (each is a failure).
     pub unexpected_exits: Vec<String>,
 }
