@@ -13,6 +13,13 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::config::KafkaArgs;
 use crate::error::{CoreError, Result};
 
+/// How long librdkafka waits before fetching a partition again once its prefetch queue is
+/// full. Its default, 1 s, idles a consumer whose queue is capped as sieve's is (10 000
+/// messages, 1 MiB fetches): a raw consume→produce pass-through on Kafka 4.4 (1 M records,
+/// 8 partitions, 2 cores) ran at 55 k records/s with it, 192 k with 100 ms, 218 k with 10 ms,
+/// against 150 k with librdkafka's defaults and no cap.
+const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 /// Builds every Kafka client of a process from one place, so defaults and overrides agree.
 #[derive(Debug, Clone)]
 pub struct Clients {
@@ -78,6 +85,7 @@ impl Clients {
             // flight come on top. With librdkafka's 50 MiB per response, a dedup behind by
             // 800 k records queued 125 MB (RSS 135 MiB); with 1 MiB, 15 MB (RSS 70 MiB).
             .set("fetch.max.bytes", "1048576")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
             .set("enable.partition.eof", "false")
             // Per-partition lag for the sieve_consumer_lag gauge.
             .set("statistics.interval.ms", "5000");
@@ -88,6 +96,7 @@ impl Clients {
     pub fn reader_config(&self) -> ClientConfig {
         let mut c = self.base();
         c.set("group.id", "sieve-reader")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true");

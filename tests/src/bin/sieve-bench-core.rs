@@ -45,6 +45,10 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// A librdkafka property on top of sieve's client settings in the `raw` stage
+    /// (`-X compression.type=none`), to measure what one setting costs.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    properties: Vec<sieve_core::config::KafkaProperty>,
 }
 
 /// Every stage. The naive dedup runs last: the memory its set held stays in the process.
@@ -128,9 +132,14 @@ fn default_configs(broker: &Broker) -> (ClientConfig, ClientConfig) {
     (consumer, producer)
 }
 
-/// sieve's client settings (`sieve_core::kafka::Clients`).
-fn tuned_configs(broker: &Broker) -> (ClientConfig, ClientConfig) {
-    let clients = broker.clients();
+/// sieve's client settings (`sieve_core::kafka::Clients`), `extra` on top.
+fn tuned_configs(
+    broker: &Broker,
+    extra: &[sieve_core::config::KafkaProperty],
+) -> (ClientConfig, ClientConfig) {
+    let mut args = broker.kafka_args();
+    args.properties = extra.to_vec();
+    let clients = sieve_core::kafka::Clients::new(args);
     (
         clients.consumer_config(&unique("raw")),
         clients.producer_config(),
@@ -373,7 +382,13 @@ fn main() -> Result<()> {
         let (name, elapsed, expect) = match stage.as_str() {
             "raw" => (
                 "raw librdkafka pass-through (sieve's client settings)",
-                raw_passthrough(tuned_configs(&broker), &input, &out, records, |_| true)?,
+                raw_passthrough(
+                    tuned_configs(&broker, &args.properties),
+                    &input,
+                    &out,
+                    records,
+                    |_| true,
+                )?,
                 records,
             ),
             "raw-default" => (
@@ -404,7 +419,7 @@ fn main() -> Result<()> {
             "naive-dedup" => {
                 let mut seen = std::collections::HashSet::new();
                 let elapsed =
-                    raw_passthrough(tuned_configs(&broker), &input, &out, records, |m| {
+                    raw_passthrough(tuned_configs(&broker, &[]), &input, &out, records, |m| {
                         seen.insert(m.key().map(<[u8]>::to_vec))
                     })?;
                 ("naive dedup (HashSet of every key)", elapsed, unique_n)
