@@ -43,8 +43,10 @@ install() {
   command -v mvn >/dev/null 2>&1 || die "mvn not found: installing Kafka from Maven Central needs Maven (apt-get install maven)"
   echo "broker: fetching kafka $KAFKA_VERSION and its runtime dependencies from Maven Central into $LIBS (once)"
   rm -rf "$LIBS.tmp"
+  # Maven 3.8 prints colour resets even with -q -B: strip escapes and empty lines.
   mvn -q -B -f "$CONF/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
-    -DoutputDirectory="$LIBS.tmp" -Dkafka.version="$KAFKA_VERSION" \
+    -DoutputDirectory="$LIBS.tmp" -Dkafka.version="$KAFKA_VERSION" 2>&1 \
+    | sed -e 's/\x1b\[[0-9;]*m//g' -e '/^$/d' \
     || die "maven could not fetch kafka $KAFKA_VERSION (see its output above)"
   rm -rf "$LIBS" && mv "$LIBS.tmp" "$LIBS" && touch "$LIBS/.complete"
 }
@@ -162,6 +164,11 @@ cluster() {
   echo "broker: kafka $KAFKA_VERSION cluster of $n on $list (replication $repl, min ISR $isr, data $RUN)"
 }
 
+# A formatted one-node data directory, made by the first `run` and copied by the next ones:
+# formatting starts a JVM (2-3 s), a copy does not. Separate one-node clusters may share
+# their cluster and directory ids; they never talk to each other.
+TEMPLATE="$CACHE/kafka-$KAFKA_VERSION/run-node-template"
+
 # Foreground node for a supervisor (the test harness): formats DIR when new, then becomes the JVM.
 run() {
   [ $# -ge 2 ] || die "usage: broker.sh run PORT DIR [CONTROLLER_PORT]"
@@ -171,10 +178,19 @@ run() {
   installed || die "kafka $KAFKA_VERSION is not installed: run scripts/broker.sh install"
   if [ -z "$ctrl" ]; then ctrl=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'); fi
   check_ports "$port" "$ctrl"
-  local id="${SIEVE_CLUSTER_ID:-}"
-  [ -n "$id" ] || id=$(cat "$dir/cluster-id" 2>/dev/null || true)
-  [ -n "$id" ] || { mkdir -p "$dir"; id=$(cluster_id); echo "$id" >"$dir/cluster-id"; }
-  prepare "$dir" 1 "$port" "$ctrl" "1@127.0.0.1:$ctrl" 1 1 "$id"
+  local fresh=0
+  if [ ! -e "$dir/data" ]; then
+    fresh=1
+    mkdir -p "$dir"
+    [ -f "$TEMPLATE/meta.properties" ] && cp -r "$TEMPLATE" "$dir/data"
+  fi
+  prepare "$dir" 1 "$port" "$ctrl" "1@127.0.0.1:$ctrl" 1 1 "$(cluster_id)"
+  if [ $fresh = 1 ] && [ ! -f "$TEMPLATE/meta.properties" ]; then
+    local t
+    t=$(mktemp -d "$TEMPLATE.XXXXXX")
+    cp -r "$dir/data/." "$t/"
+    mv -T "$t" "$TEMPLATE" 2>/dev/null || rm -rf "$t"
+  fi
   exec "${JAVA[@]}" kafka.Kafka "$dir/server.properties"
 }
 

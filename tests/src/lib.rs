@@ -39,6 +39,20 @@ pub fn broker_name() -> Result<String> {
     ))
 }
 
+/// A topic's config value as the broker reports it (DescribeConfigs), defaults included.
+pub fn topic_config(clients: &Clients, topic: &str, name: &str) -> Result<Option<String>> {
+    let admin = clients.admin()?;
+    let described = block(admin.describe_configs(
+        &[rdkafka::admin::ResourceSpecifier::Topic(topic)],
+        &rdkafka::admin::AdminOptions::new(),
+    ))?;
+    Ok(described
+        .into_iter()
+        .next()
+        .and_then(|r| r.ok())
+        .and_then(|r| r.get(name).and_then(|e| e.value.clone())))
+}
+
 /// Runs one of Kafka's own command-line tools (a class of the jars `scripts/broker.sh`
 /// installed, such as `org.apache.kafka.tools.consumer.group.ConsumerGroupCommand`) with
 /// `stdin`; returns its exit code and stdout, or an error naming its stderr.
@@ -72,11 +86,18 @@ pub fn kafka_tool(class: &str, args: &[&str], stdin: &[u8]) -> Result<(i32, Stri
     Ok((code, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
 
+/// A loopback port nothing listens on, below Linux's ephemeral range (32768–60999): a port
+/// the kernel hands out to outgoing connections can be taken again between this check and the
+/// listener's bind (a Kafka node binds seconds later), one of ours only by another test.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use rand::Rng;
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A name no other test (or earlier run) uses.
@@ -144,17 +165,27 @@ pub struct Broker {
 
 impl Broker {
     /// A fresh single-node Kafka on free loopback ports. Each test gets its own broker, so a
-    /// test that kills, freezes or fills one cannot disturb another.
+    /// test that kills, freezes or fills one cannot disturb another. A port taken between the
+    /// check and the JVM's bind (another test's) is given up for two others.
     pub fn start() -> Result<Broker> {
-        let mut b = Broker {
-            child: None,
-            port: free_port(),
-            controller_port: free_port(),
-            dir: tempfile::tempdir()?,
-            external: false,
-        };
-        b.spawn()?;
-        Ok(b)
+        let mut attempt = 0;
+        loop {
+            let mut b = Broker {
+                child: None,
+                port: free_port(),
+                controller_port: free_port(),
+                dir: tempfile::tempdir()?,
+                external: false,
+            };
+            match b.spawn() {
+                Ok(()) => return Ok(b),
+                Err(e) if attempt < 3 && b.log_tail(200).contains("Address already in use") => {
+                    eprintln!("harness: a broker port was taken meanwhile ({e:#}); new ports");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The helpers of this type (produce, read, count…) for a broker on loopback that the
@@ -669,6 +700,21 @@ impl Service {
             cmd: spec.clone(),
             earlier_metrics: Vec::new(),
         })
+    }
+
+    /// Waits until `/readyz` answers 200 (joined, every assigned partition restored); the
+    /// error names the log's last lines.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let res = wait_for("/readyz to answer 200", timeout, || {
+            if self.exited().is_some() {
+                return Some(Err(anyhow::anyhow!("the service exited")));
+            }
+            self.get("/readyz")
+                .filter(|(code, _)| *code == 200)
+                .map(|_| Ok(()))
+        })
+        .and_then(|r| r);
+        res.with_context(|| format!("log tail:\n{}", self.log_tail(30)))
     }
 
     /// Kills the process (SIGKILL, if still running) and starts it again with the same

@@ -215,9 +215,7 @@ impl Clients {
             None => Ok(false),
         }
     }
-}
 
-impl Clients {
     /// Waits until a topic just created is served: Kafka answers CreateTopics once its
     /// controller has the topic, and brokers learn it from the metadata log a moment later;
     /// a watermark or fetch request in between fails with "unknown partition".

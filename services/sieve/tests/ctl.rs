@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use sieve_tests::{service_args_at, unique, wait_for, Broker, Cluster, Service};
+use sieve_tests::{service_args_at, topic_config, unique, wait_for, Broker, Cluster, Service};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
@@ -96,15 +96,7 @@ fn topics_apply_creates_then_reports_up_to_date_and_drift() -> Result<()> {
     );
     let (code, out) = apply(&prefix, &[])?;
     ensure!(code == 0 && !out.contains("DRIFT"), "{code}: {out}");
-    let configs = sieve_tests::block(admin.describe_configs(
-        &[rdkafka::admin::ResourceSpecifier::Topic(&drifted)],
-        &rdkafka::admin::AdminOptions::new(),
-    ))?;
-    let segment_ms = configs
-        .into_iter()
-        .next()
-        .and_then(|r| r.ok())
-        .and_then(|r| r.get("segment.ms").and_then(|e| e.value.clone()));
+    let segment_ms = topic_config(&broker.clients(), &drifted, "segment.ms")?;
     ensure!(
         segment_ms.as_deref() == Some("3600000"),
         "--fix dropped a config the file does not name: {segment_ms:?}"
@@ -231,16 +223,7 @@ fn topics_and_changelogs_get_the_clusters_replication() -> Result<()> {
     let reader = clients.reader()?;
     let raw = format!("{prefix}events.raw");
     ensure!(clients.replication_of(&reader, &raw)? == 3);
-    let admin = clients.admin()?;
-    let configs = sieve_tests::block(admin.describe_configs(
-        &[rdkafka::admin::ResourceSpecifier::Topic(&raw)],
-        &rdkafka::admin::AdminOptions::new(),
-    ))?;
-    let isr = configs
-        .into_iter()
-        .next()
-        .and_then(|r| r.ok())
-        .and_then(|r| r.get("min.insync.replicas").and_then(|e| e.value.clone()));
+    let isr = topic_config(&clients, &raw, "min.insync.replicas")?;
     ensure!(isr.as_deref() == Some("2"), "min.insync.replicas {isr:?}");
 
     let group = unique("repl");

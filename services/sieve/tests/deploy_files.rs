@@ -167,11 +167,17 @@ fn metrics_port_is_the_services_default() -> Result<()> {
     Ok(())
 }
 
+/// docker-compose.yml with its merge keys applied (the sieve services share an anchor,
+/// `<<: *sieve`).
+fn compose() -> Result<Value> {
+    let mut compose: Value = serde_norway::from_str(&read("docker-compose.yml")?)?;
+    compose.apply_merge()?;
+    Ok(compose)
+}
+
 #[test]
 fn compose_runs_real_commands_on_declared_topics() -> Result<()> {
-    let mut compose: Value = serde_norway::from_str(&read("docker-compose.yml")?)?;
-    // The sieve services share an anchor (`<<: *sieve`).
-    compose.apply_merge()?;
+    let compose = compose()?;
     let src = source()?;
     let topics = declared_topics()?;
     let services = compose["services"]
@@ -534,8 +540,7 @@ fn check_kafka(
 /// runs: one node with replication 1, three nodes with replication 3 and min ISR 2.
 #[test]
 fn compose_and_kubernetes_kafka_run_the_scripts_version_and_properties() -> Result<()> {
-    let mut compose: Value = serde_norway::from_str(&read("docker-compose.yml")?)?;
-    compose.apply_merge()?;
+    let compose = compose()?;
     let kafka = &compose["services"]["kafka"];
     let env = kafka["environment"]
         .as_mapping()

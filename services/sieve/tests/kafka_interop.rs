@@ -200,37 +200,27 @@ fn lag_and_replay_agree_with_kafka_consumer_groups() -> Result<()> {
         UNIX_EPOCH + Duration::from_millis((base + 150_500) as u64),
     )
     .to_string();
+    let plan_args = [
+        "--group",
+        &group,
+        "--topic",
+        &topic,
+        "--to-datetime",
+        &at,
+        "--dry-run",
+    ];
     let (code, plan) = sieve(
-        &[
-            "ctl",
-            "replay",
-            "--brokers",
-            &addr,
-            "--group",
-            &group,
-            "--topic",
-            &topic,
-            "--to-datetime",
-            &at,
-            "--dry-run",
-        ],
+        &[&["ctl", "replay", "--brokers", &addr][..], &plan_args].concat(),
         b"",
     )?;
     ensure!(code == 0, "{plan}");
     let (_, kafka_plan) = kafka_tool(
         GROUPS_TOOL,
         &[
-            "--bootstrap-server",
-            &addr,
-            "--reset-offsets",
-            "--group",
-            &group,
-            "--topic",
-            &topic,
-            "--to-datetime",
-            &at,
-            "--dry-run",
-        ],
+            &["--bootstrap-server", &addr, "--reset-offsets"][..],
+            &plan_args,
+        ]
+        .concat(),
         b"",
     )?;
     // sieve: TOPIC PARTITION CURRENT NEW REPROCESS; Kafka: GROUP TOPIC PARTITION NEW-OFFSET.

@@ -525,10 +525,15 @@ fn sigkill_of_the_deliverer_never_sends_twice() -> Result<()> {
 #[test]
 fn past_its_delivery_window_a_notification_expires_and_its_no_resend_keys_are_dropped() -> Result<()>
 {
+    const WINDOW_MS: i64 = 5_000;
     let s = Setup::new()?;
     let users = ["w1", "w2", "w3"];
     let mut planner = s.spawn("planner", &[], &[])?;
-    let mut deliverer = s.spawn("deliver", &["--delivery-window", "3s"], &[])?;
+    let mut deliverer = s.spawn("deliver", &["--delivery-window", "5s"], &[])?;
+    // The first request must be decided inside its window: stamped once both services are
+    // in their groups, not while they still start (a loaded CI machine took longer than 3 s).
+    planner.wait_ready(Duration::from_secs(90))?;
+    deliverer.wait_ready(Duration::from_secs(90))?;
     let first = direct("win-1", 1, &users, &["inapp"]);
     s.request(1, first.clone())?;
     wait_counts(&s, "win-1", "sent", 3, &mut [&mut planner, &mut deliverer])?;
@@ -538,8 +543,9 @@ fn past_its_delivery_window_a_notification_expires_and_its_no_resend_keys_are_dr
         "the delivery window passed",
         Duration::from_secs(30),
         || {
-            (Utc::now() - created.with_timezone(&Utc) > chrono::Duration::milliseconds(4_500))
-                .then_some(())
+            (Utc::now() - created.with_timezone(&Utc)
+                > chrono::Duration::milliseconds(WINDOW_MS * 3 / 2))
+            .then_some(())
         },
     )?;
     // The same request again: its no-resend keys are past the window, and so is it.
@@ -566,7 +572,7 @@ fn past_its_delivery_window_a_notification_expires_and_its_no_resend_keys_are_dr
         .collect();
     assert_eq!(delivered, expected, "each notification once per user");
     // Every partition's store keeps only buckets younger than the window.
-    let oldest_live = (created.timestamp_millis() + 4_500) / (3_000 / 8);
+    let oldest_live = (created.timestamp_millis() + WINDOW_MS * 3 / 2) / (WINDOW_MS / 8);
     let state = s
         .dir
         .path()
