@@ -14,7 +14,7 @@ command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)" >&2; exit 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sieve/target}"
 cargo build -q --bin sieve
 N="${1:-100000}"; SECS="${2:-10}"
-PORT=19194; HTTP=19195
+PORT=19194; HTTP=19196   # the broker's controller listens on PORT+1
 work=$(mktemp -d)
 cp "$CARGO_TARGET_DIR/debug/sieve" "$work/sieve"   # immune to rebuilds during the run
 SIEVE="$work/sieve"
@@ -68,7 +68,10 @@ SIEVE_INGEST_API_KEYS="bench-key-0001@bench:*" RUST_LOG=warn "$SIEVE" ingest ser
   --listen "127.0.0.1:$HTTP" --brokers "$B" --schemas schemas --streams "$work/streams.toml" \
   --max-records 1000 2>"$work/serve.log" &
 srv=$!
-until curl -sf "127.0.0.1:$HTTP/readyz" >/dev/null; do sleep 0.2; done
+until curl -sf "127.0.0.1:$HTTP/readyz" >/dev/null; do
+  kill -0 "$srv" 2>/dev/null || { echo "ingest serve exited:" >&2; cat "$work/serve.log" >&2; exit 1; }
+  sleep 0.2
+done
 cat >"$work/post.lua" <<'LUA'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/x-ndjson"

@@ -37,6 +37,15 @@ def build():
     return bins
 
 
+def port_free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,7 +94,9 @@ class Broker:
                                               check=True).stdout.strip()
 
     def __init__(self, sieve, work):
-        self.sieve, self.port = sieve, free_port()
+        # `broker.sh start PORT` puts the controller on PORT+1: both must be free.
+        self.sieve, self.port = sieve, next(p for p in iter(free_port, None)
+                                            if port_free(p + 1))
         self.addr = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, "SIEVE_BROKER_DIR": str(Path(work) / "broker")}
 

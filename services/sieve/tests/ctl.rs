@@ -21,28 +21,31 @@ fn sieve(args: &[&str]) -> Result<(i32, String)> {
     Ok((out.status.code().unwrap_or(-1), text))
 }
 
+/// `sieve ctl topics apply` of deploy/topics.toml with every name prefixed, plus `extra`.
+fn apply_topics(brokers: &str, prefix: &str, extra: &[&str]) -> Result<(i32, String)> {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/topics.toml");
+    let file = file.to_str().unwrap_or_default();
+    let mut args = vec![
+        "ctl",
+        "topics",
+        "apply",
+        "--brokers",
+        brokers,
+        "--file",
+        file,
+        "--prefix",
+        prefix,
+    ];
+    args.extend_from_slice(extra);
+    sieve(&args)
+}
+
 #[test]
 fn topics_apply_creates_then_reports_up_to_date_and_drift() -> Result<()> {
     let broker = Broker::start()?;
     let addr = broker.addr();
     let prefix = format!("{}-", unique("t"));
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/topics.toml");
-    let file = file.to_str().unwrap_or_default();
-    let apply = |prefix: &str, extra: &[&str]| {
-        let mut args = vec![
-            "ctl",
-            "topics",
-            "apply",
-            "--brokers",
-            &addr,
-            "--file",
-            file,
-            "--prefix",
-            prefix,
-        ];
-        args.extend_from_slice(extra);
-        sieve(&args)
-    };
+    let apply = |prefix: &str, extra: &[&str]| apply_topics(&addr, prefix, extra);
 
     let (code, out) = apply(&prefix, &["--dry-run"])?;
     ensure!(code == 0 && out.contains("would create"), "{out}");
@@ -205,19 +208,7 @@ fn topics_and_changelogs_get_the_clusters_replication() -> Result<()> {
     let cluster = Cluster::start(3)?;
     let addr = cluster.addr();
     let prefix = format!("{}-", unique("r"));
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/topics.toml");
-    let file = file.to_str().unwrap_or_default();
-    let (code, out) = sieve(&[
-        "ctl",
-        "topics",
-        "apply",
-        "--brokers",
-        &addr,
-        "--file",
-        file,
-        "--prefix",
-        &prefix,
-    ])?;
+    let (code, out) = apply_topics(&addr, &prefix, &[])?;
     ensure!(code == 0, "{out}");
     let clients = cluster.clients();
     let reader = clients.reader()?;

@@ -167,6 +167,21 @@ fn metrics_port_is_the_services_default() -> Result<()> {
     Ok(())
 }
 
+/// A Kubernetes container's `env` entries with a literal value, as (name, value).
+fn container_env(c: &Value) -> Vec<(String, String)> {
+    c["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_string(),
+                e["value"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
 /// docker-compose.yml with its merge keys applied (the sieve services share an anchor,
 /// `<<: *sieve`).
 fn compose() -> Result<Value> {
@@ -287,17 +302,7 @@ fn kubernetes_manifests_are_consistent_with_the_code() -> Result<()> {
                         pod_labels.insert(l.to_string());
                     }
                     for c in pod["containers"].as_sequence().into_iter().flatten() {
-                        let env: Vec<(String, String)> = c["env"]
-                            .as_sequence()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|e| {
-                                Some((
-                                    e["name"].as_str()?.to_string(),
-                                    e["value"].as_str()?.to_string(),
-                                ))
-                            })
-                            .collect();
+                        let env: Vec<(String, String)> = container_env(c);
                         check_container(&what, &strings(&c["args"]), &env, &src, &topics)?;
                         if kind == "Job" {
                             continue;
@@ -560,17 +565,7 @@ fn compose_and_kubernetes_kafka_run_the_scripts_version_and_properties() -> Resu
         found = true;
         ensure!(doc["spec"]["replicas"].as_u64() == Some(3));
         let c = &doc["spec"]["template"]["spec"]["containers"][0];
-        let env = c["env"]
-            .as_sequence()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| {
-                Some((
-                    e["name"].as_str()?.to_string(),
-                    e["value"].as_str()?.to_string(),
-                ))
-            })
-            .collect();
+        let env = container_env(c).into_iter().collect();
         check_kafka("k8s kafka", c["image"].as_str(), &env, "3", "2")?;
     }
     ensure!(found, "deploy/k8s/kafka/kafka.yaml has no StatefulSet");
