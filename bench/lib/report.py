@@ -178,8 +178,7 @@ class Report:
                  f"loopback for {doc['http_seconds']} s per batch size. Engine: {doc['engine']}.",
                  "")
         # The fair ceiling of a path is raw produce of the same records, headers included:
-        # headers are not free (the former broker, Tansu, stored each as a row, about what a
-        # record cost).
+        # every header is bytes the broker stores and the client encodes.
         same = {"bulk": next((r for r in doc["rows"] if "loader's" in r["path"]), None),
                 "HTTP": next((r for r in doc["rows"] if "HTTP ingest's" in r["path"]), None)}
 

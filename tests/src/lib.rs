@@ -53,6 +53,25 @@ pub fn topic_config(clients: &Clients, topic: &str, name: &str) -> Result<Option
         .and_then(|r| r.get(name).and_then(|e| e.value.clone())))
 }
 
+/// Runs `bin args…` with `stdin` and `RUST_LOG=off`: its exit code and its stdout followed by
+/// its stderr (for the CLI tests of a binary).
+pub fn run_cli(bin: &Path, args: &[&str], stdin: &[u8]) -> Result<(i32, String)> {
+    use std::io::Write;
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    child.stdin.take().context("stdin")?.write_all(stdin)?;
+    let out = child.wait_with_output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
 /// Runs one of Kafka's own command-line tools (a class of the jars `scripts/broker.sh`
 /// installed, such as `org.apache.kafka.tools.consumer.group.ConsumerGroupCommand`) with
 /// `stdin`; returns its exit code and stdout, or an error naming its stderr.
@@ -142,6 +161,21 @@ pub const FAST_COMPACTION: &[(&str, &str)] = &[
 
 /// Key of the tombstones [`Broker::wait_compacted`] writes to roll segments.
 pub const ROLL_KEY: &[u8] = b"~roll";
+
+/// The last `lines` lines of `text`.
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Client settings for brokers on loopback that the harness reaches.
+fn loopback_args(brokers: String) -> KafkaArgs {
+    KafkaArgs {
+        brokers,
+        properties: Vec::new(),
+        connect_timeout_ms: 5_000,
+    }
+}
 
 /// A record to produce in a test.
 #[derive(Debug, Clone, Default)]
@@ -252,9 +286,10 @@ impl Broker {
 
     /// The last `lines` lines of the broker's log (its start script's errors included).
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        tail(
+            &std::fs::read_to_string(self.log_path()).unwrap_or_default(),
+            lines,
+        )
     }
 
     /// SIGKILL the broker (data on disk survives).
@@ -287,11 +322,7 @@ impl Broker {
     }
 
     pub fn kafka_args(&self) -> KafkaArgs {
-        KafkaArgs {
-            brokers: self.addr(),
-            properties: Vec::new(),
-            connect_timeout_ms: 5_000,
-        }
+        loopback_args(self.addr())
     }
 
     pub fn clients(&self) -> Clients {
@@ -347,7 +378,6 @@ impl Broker {
                     "{} records, {superseded} superseded, {tombstones} tombstones",
                     records.len()
                 );
-                std::thread::sleep(Duration::from_millis(200));
                 (tombstones == 0 && superseded == 0).then_some(records)
             },
         );
@@ -502,9 +532,7 @@ impl Cluster {
         let first_port = (0..50)
             .map(|_| free_port())
             .find(|p| {
-                *p < 65_000
-                    && (1..2 * nodes as u16)
-                        .all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok())
+                (1..2 * nodes as u16).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok())
             })
             .context("no run of free loopback ports")?;
         let out = Command::new(broker_script())
@@ -540,11 +568,7 @@ impl Cluster {
     }
 
     pub fn clients(&self) -> Clients {
-        Clients::new(KafkaArgs {
-            brokers: self.addr(),
-            properties: Vec::new(),
-            connect_timeout_ms: 5_000,
-        })
+        Clients::new(loopback_args(self.addr()))
     }
 
     /// The pid of node `n` (1-based), for SIGKILL or SIGSTOP.
@@ -784,9 +808,7 @@ impl Service {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let logs = self.logs();
-        let all: Vec<&str> = logs.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        tail(&self.logs(), lines)
     }
 
     pub fn logs(&self) -> String {

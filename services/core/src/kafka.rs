@@ -7,6 +7,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfig, FromClientConfigAndContext};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::metadata::MetadataTopic;
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -163,8 +164,8 @@ impl Clients {
         md.topics()
             .iter()
             .find(|t| t.name() == topic)
-            .and_then(|t| t.partitions().first())
-            .map(|p| p.replicas().len() as i32)
+            .map(replication_factor)
+            .filter(|r| *r > 0)
             .ok_or_else(|| CoreError::Config(format!("topic {topic} does not exist")))
     }
 
@@ -249,17 +250,28 @@ impl Clients {
     }
 }
 
+/// Replication factor of a topic in a metadata answer: the replicas of its first partition
+/// (0 for a topic without partitions).
+pub fn replication_factor(t: &MetadataTopic) -> i32 {
+    t.partitions()
+        .first()
+        .map_or(0, |p| p.replicas().len() as i32)
+}
+
 /// The client id of every client of this process, `sieve@HOST/pid=PID`: Kafka's group
 /// description (`ctl replay`, `kafka-consumer-groups --describe --members`) then names the
-/// host and process of each member.
-pub fn client_id() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".into());
-    format!("sieve@{host}/pid={}", std::process::id())
+/// host and process of each member. Worked out once per process.
+pub fn client_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown-host".into());
+        format!("sieve@{host}/pid={}", std::process::id())
+    })
 }
 
 /// librdkafka reports unknown or invalid properties at client creation: show them as

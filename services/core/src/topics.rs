@@ -9,7 +9,7 @@ use rdkafka::consumer::Consumer;
 use serde::Deserialize;
 
 use crate::error::{CoreError, Result};
-use crate::kafka::Clients;
+use crate::kafka::{replication_factor, Clients};
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -155,10 +155,9 @@ pub async fn apply(clients: &Clients, desired: &[DesiredTopic], mode: Mode) -> R
         .iter()
         .filter(|t| t.error().is_none())
         .map(|t| {
-            let replicas = t.partitions().first().map_or(0, |p| p.replicas().len());
             (
                 t.name().to_string(),
-                (t.partitions().len() as i32, replicas as i32),
+                (t.partitions().len() as i32, replication_factor(t)),
             )
         })
         .collect();

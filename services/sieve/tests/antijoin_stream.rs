@@ -242,6 +242,22 @@ impl Setup {
         Ok(())
     }
 
+    /// The scenario's run: the initial right side, the service (`extra` flags) ready, the first
+    /// left half taken in, the right side's changes, the second half; returns the service
+    /// once the output equals the expected view.
+    fn run_to_expected_view(&self, sc: &Scenario, extra: &[&str]) -> Result<Service> {
+        self.produce_right(&sc.right_initial)?;
+        let mut svc = self.spawn(extra, &[])?;
+        svc.wait_ready(Duration::from_secs(60))?;
+        let (first, second) = sc.left_halves();
+        self.produce_left(first)?;
+        self.wait_for_in(&svc, first.len())?;
+        self.apply_right_changes(sc)?;
+        self.produce_left(second)?;
+        self.wait_for_view(&mut svc, &sc.expected())?;
+        Ok(svc)
+    }
+
     fn wait_for_in(&self, svc: &Service, n: usize) -> Result<()> {
         wait_for("left records taken in", Duration::from_secs(120), || {
             (svc.metric("sieve_records_in_total", &[]).unwrap_or(0.0) as usize >= n).then_some(())
@@ -255,19 +271,7 @@ impl Setup {
 fn retractions_reach_the_exact_expected_set(by_id: bool, extra: &[&str]) -> Result<()> {
     let s = Setup::new(4, if by_id { 4 } else { 2 })?;
     let sc = Scenario::new(12_000, by_id);
-    s.produce_right(&sc.right_initial)?;
-    let mut svc = s.spawn(extra, &[])?;
-    let ready = wait_for("ready", Duration::from_secs(60), || {
-        http_get(&format!("http://127.0.0.1:{}/readyz", svc.metrics_port))
-            .filter(|(code, _)| *code == 200)
-    });
-    ensure!(ready.is_ok(), "not ready:\n{}", svc.log_tail(30));
-    let (first, second) = sc.left_halves();
-    s.produce_left(first)?;
-    s.wait_for_in(&svc, first.len())?;
-    s.apply_right_changes(&sc)?;
-    s.produce_left(second)?;
-    s.wait_for_view(&mut svc, &sc.expected())?;
+    let mut svc = s.run_to_expected_view(&sc, extra)?;
     // Counters move after the batch's outputs are visible.
     s.wait_for_in(&svc, sc.left.len())?;
 
@@ -317,14 +321,7 @@ fn co_partitioned_retractions_reach_the_exact_expected_set() -> Result<()> {
 fn the_output_after_kafka_compacted_it_is_the_expected_view() -> Result<()> {
     let s = Setup::with_output(4, 2, FAST_COMPACTION)?;
     let sc = Scenario::new(3_000, false);
-    s.produce_right(&sc.right_initial)?;
-    let mut svc = s.spawn(&[], &[])?;
-    let (first, second) = sc.left_halves();
-    s.produce_left(first)?;
-    s.wait_for_in(&svc, first.len())?;
-    s.apply_right_changes(&sc)?;
-    s.produce_left(second)?;
-    s.wait_for_view(&mut svc, &sc.expected())?;
+    let mut svc = s.run_to_expected_view(&sc, &[])?;
     let retractions = svc
         .metric("sieve_antijoin_retractions_total", &[])
         .unwrap_or(0.0);

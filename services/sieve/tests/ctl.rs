@@ -1,24 +1,19 @@
 //! `sieve ctl` against Apache Kafka started by the harness: topics from the declarative file, and lag.
 
 use std::path::Path;
-use std::process::Command;
 
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use sieve_tests::{service_args_at, topic_config, unique, wait_for, Broker, Cluster, Service};
+use sieve_tests::{
+    run_cli, service_args_at, topic_config, unique, wait_for, Broker, Cluster, Service,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 
 fn sieve(args: &[&str]) -> Result<(i32, String)> {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "off")
-        .output()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    Ok((out.status.code().unwrap_or(-1), text))
+    run_cli(Path::new(BIN), args, b"")
 }
 
 /// `sieve ctl topics apply` of deploy/topics.toml with every name prefixed, plus `extra`.

@@ -3,33 +3,21 @@
 //! `kafka-consumer-groups` (`ConsumerGroupCommand`) on the same group.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use sieve_tests::{kafka_tool, unique, Broker, TestRecord};
+use sieve_tests::{kafka_tool, run_cli, unique, Broker, TestRecord};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
 const GROUPS_TOOL: &str = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand";
 
-/// `sieve ARGS` with `stdin`: exit code and stdout.
+/// `sieve ARGS` with `stdin`: exit code, stdout and stderr.
 fn sieve(args: &[&str], stdin: &[u8]) -> Result<(i32, String)> {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().context("stdin")?.write_all(stdin)?;
-    let out = child.wait_with_output()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    Ok((out.status.code().unwrap_or(-1), text))
+    run_cli(Path::new(BIN), args, stdin)
 }
 
 /// key → partition of every record of `topic`.
@@ -167,21 +155,23 @@ fn lag_and_replay_agree_with_kafka_consumer_groups() -> Result<()> {
         )
         .map(|(_, out)| out)
     };
-    // sieve: TOPIC PARTITION COMMITTED END LAG; Kafka: GROUP TOPIC PARTITION CURRENT-OFFSET
-    // LOG-END-OFFSET LAG …
-    let (code, ours) = sieve(
-        &[
+    // `sieve ctl COMMAND` on this group and topic, plus `extra`.
+    let ctl = |command: &str, extra: &[&str]| {
+        let on = [
             "ctl",
-            "lag",
+            command,
             "--brokers",
             &addr,
             "--group",
             &group,
             "--topic",
             &topic,
-        ],
-        b"",
-    )?;
+        ];
+        sieve(&[&on[..], extra].concat(), b"")
+    };
+    // sieve: TOPIC PARTITION COMMITTED END LAG; Kafka: GROUP TOPIC PARTITION CURRENT-OFFSET
+    // LOG-END-OFFSET LAG …
+    let (code, ours) = ctl("lag", &[])?;
     ensure!(code == 0, "{ours}");
     let theirs = describe()?;
     for (our_col, their_col) in [(2, 3), (3, 4), (4, 5)] {
@@ -200,27 +190,22 @@ fn lag_and_replay_agree_with_kafka_consumer_groups() -> Result<()> {
         UNIX_EPOCH + Duration::from_millis((base + 150_500) as u64),
     )
     .to_string();
-    let plan_args = [
-        "--group",
-        &group,
-        "--topic",
-        &topic,
-        "--to-datetime",
-        &at,
-        "--dry-run",
-    ];
-    let (code, plan) = sieve(
-        &[&["ctl", "replay", "--brokers", &addr][..], &plan_args].concat(),
-        b"",
-    )?;
+    let (code, plan) = ctl("replay", &["--to-datetime", &at, "--dry-run"])?;
     ensure!(code == 0, "{plan}");
     let (_, kafka_plan) = kafka_tool(
         GROUPS_TOOL,
         &[
-            &["--bootstrap-server", &addr, "--reset-offsets"][..],
-            &plan_args,
-        ]
-        .concat(),
+            "--bootstrap-server",
+            &addr,
+            "--reset-offsets",
+            "--group",
+            &group,
+            "--topic",
+            &topic,
+            "--to-datetime",
+            &at,
+            "--dry-run",
+        ],
         b"",
     )?;
     // sieve: TOPIC PARTITION CURRENT NEW REPROCESS; Kafka: GROUP TOPIC PARTITION NEW-OFFSET.
@@ -234,22 +219,7 @@ fn lag_and_replay_agree_with_kafka_consumer_groups() -> Result<()> {
     );
 
     // After --execute, Kafka's tool shows the offsets sieve set.
-    let (code, out) = sieve(
-        &[
-            "ctl",
-            "replay",
-            "--brokers",
-            &addr,
-            "--group",
-            &group,
-            "--topic",
-            &topic,
-            "--to-offset",
-            "20",
-            "--execute",
-        ],
-        b"",
-    )?;
+    let (code, out) = ctl("replay", &["--to-offset", "20", "--execute"])?;
     ensure!(code == 0, "{out}");
     let current = column(&describe()?, &topic, 1, 3)?;
     ensure!(
