@@ -1,24 +1,30 @@
-//! sieve's shared runtime. Every service is an [`runner::Operator`] (or an HTTP front end)
+//! sieve's shared runtime. Every service is an [`operator::Operator`] (or an HTTP front end)
 //! on top of these pieces; the `sieve` binary, the tests and the benchmarks drive the same code.
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod bloom;
 pub mod changelog;
+mod commit;
 pub mod config;
 pub mod dlq;
+pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod group_watch;
 pub mod kafka;
+pub mod operator;
 pub mod priority;
+mod produce;
 pub mod record;
 pub mod replay;
-pub mod runner;
 pub mod service;
 pub mod side;
 pub mod store;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+pub mod topic_partition;
 pub mod topics;
 
 /// The pure decoders live in sieve-formats (cheap to fuzz); here under their old paths.

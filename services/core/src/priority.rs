@@ -17,14 +17,14 @@ use rdkafka::bindings;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::TopicPartitionList;
 
-use crate::side::Tp;
 use crate::telemetry::names;
+use crate::topic_partition::TopicPartition;
 
 pub struct Scheduler {
     /// Priority of each input topic; 0 is the highest.
     of_topic: BTreeMap<String, u8>,
     guard: Duration,
-    paused: BTreeSet<Tp>,
+    paused: BTreeSet<TopicPartition>,
     paused_since: Option<Instant>,
 }
 
@@ -43,25 +43,25 @@ impl Scheduler {
     pub fn schedule<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
-        assigned: &[(Tp, i64)],
+        assigned: &[(TopicPartition, i64)],
     ) {
-        let waiting = |(t, p): &Tp, next: i64| match cached_watermarks(consumer, t, *p) {
+        let waiting = |tp: &TopicPartition, next: i64| match cached_watermarks(consumer, tp) {
             Some((low, high)) if high >= 0 => high > next.max(low),
             _ => false,
         };
         let top = assigned
             .iter()
             .filter(|(tp, next)| !self.paused.contains(tp) && waiting(tp, *next))
-            .filter_map(|((t, _), _)| self.of_topic.get(t).copied())
+            .filter_map(|(tp, _)| self.of_topic.get(&tp.topic).copied())
             .min();
         let starving = self
             .paused_since
             .is_some_and(|since| since.elapsed() > self.guard);
-        let want: BTreeSet<Tp> = match top {
+        let want: BTreeSet<TopicPartition> = match top {
             Some(top) if !starving => assigned
                 .iter()
                 .map(|(tp, _)| tp)
-                .filter(|(t, _)| self.of_topic.get(t).is_some_and(|p| *p > top))
+                .filter(|tp| self.of_topic.get(&tp.topic).is_some_and(|p| *p > top))
                 .cloned()
                 .collect(),
             _ => BTreeSet::new(),
@@ -69,8 +69,8 @@ impl Scheduler {
         if starving {
             metrics::counter!(names::STARVATION_GUARD).increment(1);
         }
-        let pause: Vec<&Tp> = want.difference(&self.paused).collect();
-        let resume: Vec<&Tp> = self
+        let pause: Vec<&TopicPartition> = want.difference(&self.paused).collect();
+        let resume: Vec<&TopicPartition> = self
             .paused
             .difference(&want)
             .filter(|tp| assigned.iter().any(|(a, _)| a == *tp))
@@ -100,10 +100,9 @@ impl Scheduler {
 #[allow(unsafe_code)]
 fn cached_watermarks<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
-    topic: &str,
-    partition: i32,
+    tp: &TopicPartition,
 ) -> Option<(i64, i64)> {
-    let topic = CString::new(topic).ok()?;
+    let topic = CString::new(tp.topic.as_str()).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client handle lives as long as `consumer`; librdkafka only writes the two
     // out-parameters, which live on this stack frame.
@@ -111,7 +110,7 @@ fn cached_watermarks<C: ConsumerContext>(
         bindings::rd_kafka_get_watermark_offsets(
             consumer.client().native_ptr(),
             topic.as_ptr(),
-            partition,
+            tp.partition,
             &mut low,
             &mut high,
         )
@@ -119,10 +118,10 @@ fn cached_watermarks<C: ConsumerContext>(
     (err == bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then_some((low, high))
 }
 
-fn tpl(tps: &[&Tp]) -> TopicPartitionList {
+fn tpl(tps: &[&TopicPartition]) -> TopicPartitionList {
     let mut l = TopicPartitionList::new();
-    for (t, p) in tps {
-        l.add_partition(t, *p);
+    for tp in tps {
+        l.add_partition(&tp.topic, tp.partition);
     }
     l
 }

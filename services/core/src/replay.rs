@@ -28,13 +28,13 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::changelog;
+use crate::commit::{commit_logged, send_changelog_group, settle_changelog};
 use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
-use crate::runner::{
-    commit_logged, send_changelog_group, settle_changelog, Ctx, Operator, OperatorFactory,
-};
+use crate::operator::{self, Ctx, Operator, OperatorFactory};
 use crate::store::{bucket_of, Changes, PartitionMeta, PartitionStore};
 use crate::telemetry::names;
+use crate::topic_partition::TopicPartition;
 
 /// Prefix of the commit metadata that marks a requested replay.
 pub const METADATA_PREFIX: &str = "sieve-replay:";
@@ -73,8 +73,7 @@ pub(crate) struct Io<'a> {
     pub reader: &'a BaseConsumer,
     pub producer: &'a FutureProducer,
     pub group: &'a str,
-    pub topic: &'a str,
-    pub partition: i32,
+    pub tp: &'a TopicPartition,
 }
 
 /// Finds and honours replay requests when partitions open.
@@ -103,14 +102,15 @@ impl Replay {
             return Ok((store, None));
         };
         let (low, high) = crate::kafka::retry_transient("replay watermarks", || {
-            io.reader.fetch_watermarks(io.topic, io.partition, TIMEOUT)
+            io.reader
+                .fetch_watermarks(&io.tp.topic, io.tp.partition, TIMEOUT)
         })
-        .map_err(|e| CoreError::kafka(format!("watermarks of {}/{}", io.topic, io.partition), e))?;
+        .map_err(|e| CoreError::kafka(format!("watermarks of {}", io.tp), e))?;
         // Retention may have moved the start since the request was made.
         let start = req.offset.clamp(low, high);
         tracing::info!(
-            topic = io.topic,
-            partition = io.partition,
+            topic = io.tp.topic,
+            partition = io.tp.partition,
             id = req.id,
             from = meta.next_offset,
             to = start,
@@ -133,7 +133,7 @@ impl Replay {
         drop(store);
         PartitionStore::destroy(&path)?;
         let mut store = PartitionStore::open(&path)?;
-        let mut op = factory.open(io.topic, io.partition, &store)?;
+        let mut op = factory.open(&io.tp.topic, io.tp.partition, &store)?;
         let mut pending = Vec::new();
         if let Some(window) = factory.warmup() {
             let from = warmup_start(io, window, low, start, high)?;
@@ -148,8 +148,8 @@ impl Replay {
             )?;
             metrics::counter!(names::REPLAY_WARMUP_RECORDS).increment(warmed);
             tracing::info!(
-                topic = io.topic,
-                partition = io.partition,
+                topic = io.tp.topic,
+                partition = io.tp.partition,
                 from,
                 to = start,
                 records = warmed,
@@ -160,11 +160,11 @@ impl Replay {
         let excess = fresh.replays.len().saturating_sub(HONOURED_KEPT);
         fresh.replays.drain(..excess);
         let mut last = Changes::default();
-        flush(&mut op, &store, &mut last)?;
+        operator::flush(&mut op, &store, &mut last, false)?;
         pending.extend(commit_logged(
             io.producer,
             io.group,
-            &(io.topic.to_string(), io.partition),
+            io.tp,
             &mut store,
             &last,
             &mut fresh,
@@ -182,12 +182,12 @@ impl Replay {
     /// The partition's replay request, unless none stands or it was honoured already.
     fn pending(&self, io: &Io<'_>, honoured: &[String]) -> Result<Option<Request>> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(io.topic, io.partition);
+        tpl.add_partition(&io.tp.topic, io.tp.partition);
         let committed = self
             .probe
             .committed_offsets(tpl, TIMEOUT)
             .map_err(|e| CoreError::kafka("committed offsets", e))?;
-        let Some(elem) = committed.find_partition(io.topic, io.partition) else {
+        let Some(elem) = committed.find_partition(&io.tp.topic, io.tp.partition) else {
             return Ok(None);
         };
         let Some(offset) = elem.offset().to_raw().filter(|o| *o >= 0) else {
@@ -206,7 +206,6 @@ impl Replay {
 /// Sends, as changelog groups, a drop for every time bucket and a tombstone for every other
 /// key of `store`, so that a restore from the changelog ends with nothing of it.
 fn wipe_changelog(io: &Io<'_>, store: &PartitionStore, meta: &mut PartitionMeta) -> Result<()> {
-    let tp = (io.topic.to_string(), io.partition);
     let mut pending = Vec::new();
     let mut changes = Changes::default();
     for bucket in store.buckets() {
@@ -223,7 +222,7 @@ fn wipe_changelog(io: &Io<'_>, store: &PartitionStore, meta: &mut PartitionMeta)
                 pending.extend(send_changelog_group(
                     io.producer,
                     io.group,
-                    &tp,
+                    io.tp,
                     &changes,
                     meta,
                 )?);
@@ -235,7 +234,7 @@ fn wipe_changelog(io: &Io<'_>, store: &PartitionStore, meta: &mut PartitionMeta)
     pending.extend(send_changelog_group(
         io.producer,
         io.group,
-        &tp,
+        io.tp,
         &changes,
         meta,
     )?);
@@ -251,25 +250,31 @@ fn warmup_start(io: &Io<'_>, window: Duration, low: i64, start: i64, high: i64) 
         return Ok(start);
     }
     let mut ts = None;
-    changelog::read_range(io.reader, io.topic, io.partition, at, at + 1, IDLE, |m| {
-        ts = m.timestamp().to_millis();
-        Ok(())
-    })?;
+    changelog::read_range(
+        io.reader,
+        &io.tp.topic,
+        io.tp.partition,
+        at,
+        at + 1,
+        IDLE,
+        |m| {
+            ts = m.timestamp().to_millis();
+            Ok(())
+        },
+    )?;
     let Some(ts) = ts else {
         return Ok(low);
     };
     let target = ts.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX));
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(io.topic, io.partition, Offset::Offset(target.max(0)))
+    tpl.add_partition_offset(&io.tp.topic, io.tp.partition, Offset::Offset(target.max(0)))
         .map_err(|e| CoreError::kafka("offsets for times", e))?;
-    let found = io.reader.offsets_for_times(tpl, TIMEOUT).map_err(|e| {
-        CoreError::kafka(
-            format!("offsets for times of {}/{}", io.topic, io.partition),
-            e,
-        )
-    })?;
+    let found = io
+        .reader
+        .offsets_for_times(tpl, TIMEOUT)
+        .map_err(|e| CoreError::kafka(format!("offsets for times of {}", io.tp), e))?;
     let from = match found
-        .find_partition(io.topic, io.partition)
+        .find_partition(&io.tp.topic, io.tp.partition)
         .map(|e| e.offset())
     {
         Some(Offset::Offset(o)) => o,
@@ -290,53 +295,47 @@ fn warm_up<O: Operator>(
     to: i64,
     pending: &mut Vec<DeliveryFuture>,
 ) -> Result<u64> {
-    let tp = (io.topic.to_string(), io.partition);
     let mut changes = Changes::default();
     let mut outputs = Vec::new();
     let mut read = 0u64;
-    changelog::read_range(io.reader, io.topic, io.partition, from, to, IDLE, |m| {
-        read += 1;
-        op.process(m, &mut Ctx::new(store, &mut changes, &mut outputs, false))?;
-        outputs.clear();
-        if changes.len() >= CHUNK {
-            flush(op, store, &mut changes)?;
-            pending.extend(commit_logged(
-                io.producer,
-                io.group,
-                &tp,
-                store,
-                &changes,
-                meta,
-                "after_warmup_committed",
-            )?);
-            changes.clear();
-        }
-        Ok(())
-    })?;
-    flush(op, store, &mut changes)?;
+    changelog::read_range(
+        io.reader,
+        &io.tp.topic,
+        io.tp.partition,
+        from,
+        to,
+        IDLE,
+        |m| {
+            read += 1;
+            op.process(m, &mut Ctx::new(store, &mut changes, &mut outputs, false))?;
+            outputs.clear();
+            if changes.len() >= CHUNK {
+                operator::flush(op, store, &mut changes, false)?;
+                pending.extend(commit_logged(
+                    io.producer,
+                    io.group,
+                    io.tp,
+                    store,
+                    &changes,
+                    meta,
+                    "after_warmup_committed",
+                )?);
+                changes.clear();
+            }
+            Ok(())
+        },
+    )?;
+    operator::flush(op, store, &mut changes, false)?;
     pending.extend(commit_logged(
         io.producer,
         io.group,
-        &tp,
+        io.tp,
         store,
         &changes,
         meta,
         "after_warmup_committed",
     )?);
     Ok(read)
-}
-
-/// Lets the operator write its caches, as before every commit.
-fn flush<O: Operator>(op: &mut O, store: &PartitionStore, changes: &mut Changes) -> Result<()> {
-    let mut outputs = Vec::new();
-    op.flush(&mut Ctx::new(store, changes, &mut outputs, false), false)?;
-    if outputs.is_empty() {
-        Ok(())
-    } else {
-        Err(CoreError::Operator(
-            "flush emitted outputs; only process may".into(),
-        ))
-    }
 }
 
 #[cfg(test)]

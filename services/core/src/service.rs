@@ -7,9 +7,10 @@ use std::sync::Arc;
 use axum::Router;
 
 use crate::config::{KafkaArgs, ServiceArgs};
+use crate::engine;
 use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
-use crate::runner::{self, OperatorFactory};
+use crate::operator::OperatorFactory;
 use crate::telemetry::{self, Health};
 
 /// Set by SIGTERM or SIGINT; long loops check it between batches.
@@ -71,7 +72,7 @@ pub fn run_processor<F: OperatorFactory>(
         },
     ))?;
     let clients = Clients::new(kafka.clone());
-    let result = runner::run(factory, &clients, svc, health, shutdown);
+    let result = engine::run(factory, &clients, svc, health, shutdown);
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
     result

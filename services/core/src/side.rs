@@ -27,6 +27,7 @@ use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
 use crate::store::{Changes, PartitionMeta, PartitionStore, DEFAULT_CF};
 use crate::telemetry::names;
+use crate::topic_partition::TopicPartition;
 
 /// Which side partitions an instance reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -41,20 +42,14 @@ pub enum SideMode {
 pub trait SideTable: Send {
     fn topics(&self) -> Vec<String>;
     fn mode(&self) -> SideMode;
-    /// Next offset to read per side partition (`topic/partition`); absent means the start.
-    fn positions(&self) -> BTreeMap<String, i64>;
+    /// Next offset to read per side partition; absent means the start.
+    fn positions(&self) -> BTreeMap<TopicPartition, i64>;
     /// Applies records (in offset order per partition) and durably stores the new positions.
     fn apply(&mut self, records: &[OwnedMessage]) -> Result<()>;
     /// Called once at a graceful stop: the place to save caches.
     fn close(&mut self) -> Result<()> {
         Ok(())
     }
-}
-
-pub type Tp = (String, i32);
-
-pub fn tp_key(topic: &str, partition: i32) -> String {
-    format!("{topic}/{partition}")
 }
 
 /// Records applied per call to [`SideTable::apply`] while catching up.
@@ -65,8 +60,8 @@ pub(crate) struct SideReader {
     consumer: BaseConsumer,
     mode: SideMode,
     /// Every partition of the side topics.
-    all: Vec<Tp>,
-    assigned: BTreeSet<Tp>,
+    all: Vec<TopicPartition>,
+    assigned: BTreeSet<TopicPartition>,
 }
 
 impl SideReader {
@@ -78,7 +73,7 @@ impl SideReader {
         let mut all = Vec::new();
         for t in table.topics() {
             for p in 0..clients.partition_count(reader, &t)? {
-                all.push((t.clone(), p));
+                all.push(TopicPartition::new(t.clone(), p));
             }
         }
         // End-of-partition events mean nothing to a reader that follows forever.
@@ -96,11 +91,11 @@ impl SideReader {
     }
 
     /// Side partitions an input partition depends on.
-    pub(crate) fn serving(&self, input_partition: i32) -> impl Iterator<Item = &Tp> {
+    pub(crate) fn serving(&self, input_partition: i32) -> impl Iterator<Item = &TopicPartition> {
         let mode = self.mode;
         self.all
             .iter()
-            .filter(move |(_, p)| mode == SideMode::Broadcast || *p == input_partition)
+            .filter(move |tp| mode == SideMode::Broadcast || tp.partition == input_partition)
     }
 
     /// Reads what the table misses of the side partitions needed by `input_partitions` (every
@@ -112,27 +107,27 @@ impl SideReader {
         table: &mut dyn SideTable,
         input_partitions: &BTreeSet<i32>,
     ) -> Result<u64> {
-        let wanted: BTreeSet<Tp> = match self.mode {
+        let wanted: BTreeSet<TopicPartition> = match self.mode {
             SideMode::Broadcast => self.all.iter().cloned().collect(),
             SideMode::CoPartitioned => self
                 .all
                 .iter()
-                .filter(|(_, p)| input_partitions.contains(p))
+                .filter(|tp| input_partitions.contains(&tp.partition))
                 .cloned()
                 .collect(),
         };
         let mut applied = 0u64;
-        for (t, p) in wanted.difference(&self.assigned) {
-            applied += catch_up(reader, table, t, *p)?;
+        for tp in wanted.difference(&self.assigned) {
+            applied += catch_up(reader, table, tp)?;
         }
         if wanted != self.assigned {
             let positions = table.positions();
             let mut tpl = TopicPartitionList::new();
-            for (t, p) in &wanted {
+            for tp in &wanted {
                 let off = positions
-                    .get(&tp_key(t, *p))
+                    .get(tp)
                     .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-                tpl.add_partition_offset(t, *p, off)
+                tpl.add_partition_offset(&tp.topic, tp.partition, off)
                     .map_err(|e| CoreError::kafka("side assignment", e))?;
             }
             self.consumer
@@ -163,31 +158,21 @@ impl SideReader {
 }
 
 /// Applies one side partition from the table's position to the partition's current end.
-fn catch_up(
-    reader: &BaseConsumer,
-    table: &mut dyn SideTable,
-    topic: &str,
-    partition: i32,
-) -> Result<u64> {
+fn catch_up(reader: &BaseConsumer, table: &mut dyn SideTable, tp: &TopicPartition) -> Result<u64> {
     let (low, high) = crate::kafka::retry_transient("side watermarks", || {
-        reader.fetch_watermarks(topic, partition, Duration::from_secs(10))
+        reader.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))
     })
-    .map_err(|e| CoreError::kafka(format!("watermarks of {topic}/{partition}"), e))?;
-    let from = table
-        .positions()
-        .get(&tp_key(topic, partition))
-        .copied()
-        .unwrap_or(low)
-        .max(low);
+    .map_err(|e| CoreError::kafka(format!("watermarks of {tp}"), e))?;
+    let from = table.positions().get(tp).copied().unwrap_or(low).max(low);
     let mut applied = 0u64;
-    replay(reader, topic, partition, from, high, |chunk| {
+    replay(reader, tp, from, high, |chunk| {
         applied += chunk.len() as u64;
         metrics::counter!(names::SIDE_CATCH_UP_RECORDS).increment(chunk.len() as u64);
         table.apply(chunk)
     })?;
     tracing::info!(
-        topic,
-        partition,
+        topic = tp.topic,
+        partition = tp.partition,
         from,
         to = high,
         applied,
@@ -200,8 +185,7 @@ fn catch_up(
 /// behind its table.
 pub(crate) fn replay(
     reader: &BaseConsumer,
-    topic: &str,
-    partition: i32,
+    tp: &TopicPartition,
     from: i64,
     to: i64,
     mut f: impl FnMut(&[OwnedMessage]) -> Result<()>,
@@ -209,8 +193,8 @@ pub(crate) fn replay(
     let mut chunk = Vec::new();
     changelog::read_range(
         reader,
-        topic,
-        partition,
+        &tp.topic,
+        tp.partition,
         from,
         to,
         Duration::from_secs(30),
@@ -287,7 +271,7 @@ impl SideTable for KvTable {
         self.lock().mode
     }
 
-    fn positions(&self) -> BTreeMap<String, i64> {
+    fn positions(&self) -> BTreeMap<TopicPartition, i64> {
         self.lock().meta.side_pos.clone()
     }
 
@@ -304,7 +288,7 @@ impl SideTable for KvTable {
             inner
                 .meta
                 .side_pos
-                .insert(tp_key(rec.topic(), rec.partition()), rec.offset() + 1);
+                .insert(TopicPartition::of(rec), rec.offset() + 1);
         }
         let meta = inner.meta.clone();
         inner.store.commit(&changes, &meta)

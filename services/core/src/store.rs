@@ -15,6 +15,7 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
+use crate::topic_partition::TopicPartition;
 
 /// Column family of the operator's main state.
 pub const DEFAULT_CF: &str = "default";
@@ -31,9 +32,9 @@ const BUCKET_PREFIX: &str = "bucket.";
 pub struct PartitionMeta {
     /// The next input offset to process.
     pub next_offset: i64,
-    /// Per output partition (`topic/partition`), the offset from which a recovery scan must
+    /// Per output partition, the offset from which a recovery scan must
     /// look for outputs of this input partition that were written but not yet recorded here.
-    pub out_pos: BTreeMap<String, i64>,
+    pub out_pos: BTreeMap<TopicPartition, i64>,
     /// Changelog offset up to which this store reflects the changelog.
     pub changelog_pos: i64,
     /// True when the partition was closed cleanly: nothing can be in flight.
@@ -41,10 +42,10 @@ pub struct PartitionMeta {
     /// Buckets whose drop was decided; dropped again at open if a crash interrupted it.
     #[serde(default)]
     pub drop_pending: Vec<String>,
-    /// Per side partition (`topic/partition`), the next side offset this store has seen
+    /// Per side partition, the next side offset this store has seen
     /// (see `side.rs`).
     #[serde(default)]
-    pub side_pos: BTreeMap<String, i64>,
+    pub side_pos: BTreeMap<TopicPartition, i64>,
     /// Ids of the replays (`sieve ctl replay`) this partition has honoured, oldest first
     /// (see `replay.rs`).
     #[serde(default)]

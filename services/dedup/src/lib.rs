@@ -12,7 +12,7 @@ pub mod operator;
 use std::sync::Arc;
 
 use sieve_core::config::{KafkaArgs, ServiceArgs};
-use sieve_core::runner::OperatorFactory;
+use sieve_core::operator::OperatorFactory;
 use sieve_core::store::PartitionStore;
 
 pub use config::DedupArgs;

@@ -10,7 +10,7 @@ use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use sieve_core::runner::Ctx;
+use sieve_core::operator::Ctx;
 use sieve_core::store::{PartitionStore, DEFAULT_CF};
 use sieve_core::Result;
 

@@ -21,7 +21,7 @@ use axum::Router;
 use rdkafka::producer::FutureRecord;
 use sieve_core::config::{KafkaArgs, ServiceArgs};
 use sieve_core::kafka::Clients;
-use sieve_core::runner::OperatorFactory;
+use sieve_core::operator::OperatorFactory;
 use sieve_core::side::{KvTable, SideMode, SideTable};
 use sieve_core::store::PartitionStore;
 use sieve_core::Result;

@@ -22,8 +22,9 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sieve_core::config::{Guarantee, LogFormat, ServiceArgs};
+use sieve_core::engine;
+use sieve_core::operator::{Ctx, Operator, OperatorFactory};
 use sieve_core::record::Output;
-use sieve_core::runner::{self, Ctx, Operator, OperatorFactory};
 use sieve_core::store::PartitionStore;
 use sieve_core::telemetry::Health;
 use sieve_tests::{broker_name, unique, wait_for, Broker};
@@ -236,7 +237,7 @@ fn run_until<F: OperatorFactory>(
     let stop = shutdown.clone();
     let started = Instant::now();
     let worker =
-        std::thread::spawn(move || runner::run(factory, &clients, &args, Health::new(), stop));
+        std::thread::spawn(move || engine::run(factory, &clients, &args, Health::new(), stop));
     wait_for("outputs", Duration::from_secs(900), || {
         (broker.count(output).ok()? >= expect as i64).then_some(())
     })?;

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use rdkafka::message::{Message, OwnedMessage};
 use sieve_core::config::{KafkaArgs, ServiceArgs};
+use sieve_core::operator::{Ctx, Operator, OperatorFactory};
 use sieve_core::record::Output;
-use sieve_core::runner::{Ctx, Operator, OperatorFactory};
 use sieve_core::store::{PartitionStore, DEFAULT_CF};
 
 #[derive(Parser)]

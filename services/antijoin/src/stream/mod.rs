@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::routing::get;
 use axum::{Json, Router};
 use sieve_core::config::{KafkaArgs, ServiceArgs};
-use sieve_core::runner::OperatorFactory;
+use sieve_core::operator::OperatorFactory;
 use sieve_core::side::SideTable;
 use sieve_core::store::PartitionStore;
 

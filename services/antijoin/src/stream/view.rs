@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rdkafka::message::{Message, OwnedMessage};
 use sieve_core::bloom::KeyBloom;
-use sieve_core::side::{tp_key, SideMode, SideTable};
+use sieve_core::side::{SideMode, SideTable};
 use sieve_core::store::{Changes, PartitionMeta, PartitionStore, DEFAULT_CF};
+use sieve_core::topic_partition::TopicPartition;
 use sieve_core::Result;
 
 use super::metrics as m;
@@ -119,7 +120,7 @@ impl RightView {
         for rec in records {
             self.meta
                 .side_pos
-                .insert(tp_key(rec.topic(), rec.partition()), rec.offset() + 1);
+                .insert(TopicPartition::of(rec), rec.offset() + 1);
             let Some(key) = rec.key() else {
                 metrics::counter!(m::RIGHT_BAD).increment(1);
                 continue;
@@ -195,7 +196,7 @@ impl SideTable for SharedView {
         self.lock().mode
     }
 
-    fn positions(&self) -> BTreeMap<String, i64> {
+    fn positions(&self) -> BTreeMap<TopicPartition, i64> {
         self.lock().meta.side_pos.clone()
     }
 

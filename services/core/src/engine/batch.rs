@@ -1,0 +1,170 @@
+//! One batch: each record through its partition's operator, outputs produced with their ids
+//! (skipping those a recovery scan found already written), then, once every output is
+//! acknowledged, each touched partition committed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use futures::executor::block_on;
+use futures::future::join_all;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::DeliveryFuture;
+use rdkafka::TopicPartitionList;
+
+use super::{add_commit, Engine, Queued};
+use crate::commit::{commit_logged, settle_changelog};
+use crate::error::Result;
+use crate::failpoint;
+use crate::operator::{self, Ctx, Operator, OperatorFactory};
+use crate::produce::{delivered, send_output};
+use crate::record::OutputId;
+use crate::telemetry::names;
+use crate::topic_partition::TopicPartition;
+
+impl<F: OperatorFactory> Engine<F> {
+    /// Processes one batch to completion; returns the offsets to commit to the group.
+    pub(super) fn process_batch(
+        &mut self,
+        batch: &mut Vec<OwnedMessage>,
+    ) -> Result<TopicPartitionList> {
+        let started = Instant::now();
+        let mut queued: Queued = Vec::with_capacity(batch.len());
+        let mut touched: Vec<TopicPartition> = Vec::new();
+        let mut outputs = Vec::new();
+        let mut in_counts: HashMap<String, u64> = HashMap::new();
+        let (mut skipped_processed, mut skipped_written) = (0u64, 0u64);
+        for msg in batch.drain(..) {
+            let tp = TopicPartition::of(&msg);
+            let Some(part) = self.partitions.get_mut(&tp) else {
+                continue;
+            };
+            if part.meta.next_offset >= 0 && msg.offset() < part.meta.next_offset {
+                skipped_processed += 1;
+                continue;
+            }
+            *in_counts.entry(tp.topic.clone()).or_default() += 1;
+            let recovering =
+                !part.already_written.is_empty() && msg.offset() <= part.already_written_max;
+            let mut ctx = Ctx::new(&part.store, &mut part.changes, &mut outputs, recovering);
+            part.op.process(&msg, &mut ctx)?;
+            for (i, out) in outputs.drain(..).enumerate() {
+                let index = i as u32;
+                if let Some(tombstone) = part.already_written.remove(&(msg.offset(), index)) {
+                    if tombstone == out.payload.is_none() {
+                        skipped_written += 1;
+                        continue;
+                    }
+                }
+                let id = OutputId {
+                    topic: tp.topic.clone(),
+                    partition: tp.partition,
+                    offset: msg.offset(),
+                    index,
+                };
+                let fut = send_output(&self.producer, &out, Some(&id))?;
+                queued.push(((tp.clone(), out.topic), fut));
+            }
+            part.meta.next_offset = msg.offset() + 1;
+            if touched.last() != Some(&tp) && !touched.contains(&tp) {
+                touched.push(tp);
+            }
+        }
+        failpoint::hit("after_produce");
+        let commits = self.finish_batch(queued, &touched)?;
+        for (t, n) in in_counts {
+            metrics::counter!(names::RECORDS_IN, "topic" => t).increment(n);
+        }
+        if skipped_processed > 0 {
+            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_processed")
+                .increment(skipped_processed);
+        }
+        if skipped_written > 0 {
+            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_written")
+                .increment(skipped_written);
+        }
+        metrics::histogram!(names::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(commits)
+    }
+
+    /// Waits for a batch's outputs (and the touched partitions' previous changelog), then
+    /// commits each touched partition; returns the offsets to commit to the group.
+    pub(super) fn finish_batch(
+        &mut self,
+        queued: Queued,
+        touched: &[TopicPartition],
+    ) -> Result<TopicPartitionList> {
+        let mut out_counts: HashMap<String, u64> = HashMap::new();
+        let (dests, futs): (Vec<(TopicPartition, String)>, Vec<DeliveryFuture>) =
+            queued.into_iter().unzip();
+        let results = block_on(join_all(futs));
+        for ((tp, out_topic), r) in dests.into_iter().zip(results) {
+            let (out_partition, out_offset) = delivered(r)?;
+            if let Some(part) = self.partitions.get_mut(&tp) {
+                let acked = part
+                    .acked
+                    .entry(TopicPartition::new(out_topic.as_str(), out_partition))
+                    .or_insert(-1);
+                *acked = (*acked).max(out_offset);
+            }
+            *out_counts.entry(out_topic).or_default() += 1;
+        }
+        for tp in touched {
+            if let Some(part) = self.partitions.get_mut(tp) {
+                if let Some(pos) = settle_changelog(std::mem::take(&mut part.pending_changelog))? {
+                    part.meta.changelog_pos = pos;
+                }
+            }
+        }
+        failpoint::hit("after_outputs_acked");
+        // Every output of the next batch lands after every output acked now, whichever
+        // partition wrote it: a scan floor for all touched partitions, so output partitions a
+        // partition never writes to (with key-preserving partitioning, most of them) do not
+        // keep the floor of its first open and make its recovery scan read their whole history.
+        let mut floors: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        for tp in touched {
+            for (out, off) in self.partitions.get(tp).into_iter().flat_map(|p| &p.acked) {
+                let f = floors.entry(out.clone()).or_insert(-1);
+                *f = (*f).max(off + 1);
+            }
+        }
+        let mut commits = TopicPartitionList::new();
+        let exactly_once = self.exactly_once();
+        for tp in touched {
+            let Some(part) = self.partitions.get_mut(tp) else {
+                continue;
+            };
+            if !part.already_written.is_empty() && part.already_written_max < part.meta.next_offset
+            {
+                // Every input whose outputs the scan found has been re-processed.
+                part.already_written.clear();
+            }
+            operator::flush(&mut part.op, &part.store, &mut part.changes, false)?;
+            part.acked.clear();
+            if part.already_written.is_empty() {
+                for (out, floor) in &floors {
+                    let pos = part.meta.out_pos.entry(out.clone()).or_insert(*floor);
+                    *pos = (*pos).max(*floor);
+                }
+            }
+            if exactly_once || !part.changes.is_empty() {
+                part.pending_changelog = commit_logged(
+                    &self.producer,
+                    &self.group,
+                    tp,
+                    &mut part.store,
+                    &part.changes,
+                    &mut part.meta,
+                    "after_state_committed",
+                )?;
+            } else {
+                part.store.commit(&part.changes, &part.meta)?;
+            }
+            part.changes.clear();
+            add_commit(&mut commits, tp, part.meta.next_offset)?;
+        }
+        for (t, n) in out_counts {
+            metrics::counter!(names::RECORDS_OUT, "topic" => t).increment(n);
+        }
+        Ok(commits)
+    }
+}

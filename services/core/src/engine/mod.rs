@@ -1,0 +1,296 @@
+//! The engine: the partition-aware consume → process → produce loop that runs an
+//! [`OperatorFactory`]'s operators, exactly-once without broker transactions.
+//!
+//! Per batch and input partition:
+//! 1. the operator turns each input record into outputs and state changes; every output
+//!    carries the deterministic id `topic/partition/offset/n` (see [`crate::record`]);
+//! 2. outputs are produced and the loop waits until the broker acknowledged all of them;
+//! 3. one RocksDB write batch stores the state changes, the next input offset and, per output
+//!    partition, the position after the highest acknowledged output ([`crate::commit`]);
+//! 4. the same changes and meta go to the changelog topic, and the offset is committed to the
+//!    consumer group (for lag tools; the store is the source of truth).
+//!
+//! A crash between 2 and 3 leaves outputs on the broker that the store does not know about.
+//! On the next open the partition is not marked clean, so the engine reads every output
+//! partition from the stored positions to its end, collects the ids this input partition
+//! already wrote, and while re-processing produces only the missing ones (`recovery.rs`).
+//!
+//! Modules: `rebalance` (the consumer's callbacks), `partitions` (open with restore and
+//! replay, close), `recovery` (the scan), `batch` (process and commit a batch), `side_hooks`
+//! (side tables shown to operators).
+
+mod batch;
+mod partitions;
+mod rebalance;
+mod recovery;
+mod side_hooks;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::executor::block_on;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
+
+use crate::changelog;
+use crate::config::{Guarantee, ServiceArgs};
+use crate::error::{CoreError, Result};
+use crate::group_watch::GroupWatch;
+use crate::kafka::Clients;
+use crate::operator::OperatorFactory;
+use crate::priority::Scheduler;
+use crate::replay::Replay;
+use crate::side::SideReader;
+use crate::store::{Changes, PartitionMeta, PartitionStore};
+use crate::telemetry::{names, Health};
+use crate::topic_partition::TopicPartition;
+use rebalance::{lock, RunnerContext};
+
+/// One assigned input partition.
+struct Partition<O> {
+    store: PartitionStore,
+    op: O,
+    meta: PartitionMeta,
+    changes: Changes,
+    /// Outputs found by the recovery scan, as (input offset, output index) → tombstone.
+    already_written: HashMap<(i64, u32), bool>,
+    already_written_max: i64,
+    /// Changelog writes of the last committed batch, awaited with the next batch.
+    pending_changelog: Vec<DeliveryFuture>,
+    /// Highest acknowledged offset per output partition in the current batch.
+    acked: BTreeMap<TopicPartition, i64>,
+}
+
+/// Outputs queued in a batch: which input partition made each, to which topic.
+type Queued = Vec<((TopicPartition, String), DeliveryFuture)>;
+
+struct Engine<F: OperatorFactory> {
+    factory: F,
+    producer: FutureProducer,
+    reader: BaseConsumer,
+    group: String,
+    state_dir: PathBuf,
+    guarantee: Guarantee,
+    output_tps: Vec<TopicPartition>,
+    partitions: HashMap<TopicPartition, Partition<F::Op>>,
+    health: Arc<Health>,
+    side: Option<SideReader>,
+    replay: Replay,
+    /// An error raised inside a rebalance callback, returned by the loop.
+    fatal: Option<CoreError>,
+}
+
+impl<F: OperatorFactory> Engine<F> {
+    fn exactly_once(&self) -> bool {
+        self.guarantee == Guarantee::ExactlyOnce
+    }
+
+    /// Each assigned partition with its next offset to process.
+    fn positions(&self) -> Vec<(TopicPartition, i64)> {
+        self.partitions
+            .iter()
+            .map(|(tp, p)| (tp.clone(), p.meta.next_offset))
+            .collect()
+    }
+
+    fn update_state_gauges(&self) {
+        for (tp, part) in &self.partitions {
+            metrics::gauge!(names::STATE_BYTES, "topic" => tp.topic.clone(), "partition" => tp.partition.to_string())
+                .set(part.store.approximate_bytes() as f64);
+        }
+    }
+}
+
+/// Runs `factory`'s operator over its input topics until `shutdown` is set, then commits
+/// what was processed and closes every partition.
+pub fn run<F: OperatorFactory>(
+    factory: F,
+    clients: &Clients,
+    args: &ServiceArgs,
+    health: Arc<Health>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<()> {
+    clients.check_reachable()?;
+    crate::store::set_memory_budget(args.state_memory_mb << 20);
+    let reader = clients.reader()?;
+    let inputs = factory.inputs();
+    let mut output_tps = Vec::new();
+    for t in factory.outputs() {
+        for p in 0..clients.partition_count(&reader, &t)? {
+            output_tps.push(TopicPartition::new(t.clone(), p));
+        }
+    }
+    for t in &inputs {
+        let n = clients.partition_count(&reader, t)?;
+        let cl = changelog::topic_name(&args.group, t);
+        // As many copies of the state as of its input: losing a broker must not lose either.
+        let replication = clients.replication_of(&reader, t)?;
+        block_on(clients.ensure_topic(
+            &cl,
+            n,
+            Some(replication),
+            &[("cleanup.policy", "compact"), ("retention.ms", "-1")],
+        ))?;
+    }
+    let mut factory = factory;
+    let mut scheduler = factory
+        .priorities()
+        .map(|(of_topic, guard)| Scheduler::new(of_topic, guard));
+    let side = match factory.side_table() {
+        Some(table) => Some(SideReader::new(clients, &reader, table)?),
+        None => None,
+    };
+    let engine = Arc::new(Mutex::new(Engine {
+        factory,
+        producer: clients.producer()?,
+        reader,
+        group: args.group.clone(),
+        state_dir: args.state_dir.clone(),
+        guarantee: args.guarantee,
+        output_tps,
+        partitions: HashMap::new(),
+        health: health.clone(),
+        side,
+        replay: Replay::new(clients, &args.group)?,
+        fatal: None,
+    }));
+    // Broadcast side tables are loaded to their end before any input is judged.
+    lock(&engine).follow_side(&[])?;
+    let watch = Arc::new(GroupWatch::new(Duration::from_secs(args.group_stall_s)));
+    let subscribe = || -> Result<BaseConsumer<RunnerContext<F>>> {
+        let consumer = clients.consumer(
+            &args.group,
+            RunnerContext {
+                engine: engine.clone(),
+                watch: watch.clone(),
+            },
+        )?;
+        let topics: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| CoreError::kafka("subscribe", e))?;
+        Ok(consumer)
+    };
+    let mut consumer = subscribe()?;
+    health.set_live(true);
+    metrics::gauge!(names::PAUSED_PARTITIONS).set(0.0);
+    metrics::gauge!(names::ASSIGNED_PARTITIONS).set(0.0);
+    tracing::info!(group = args.group, inputs = ?inputs, guarantee = ?args.guarantee, "processing");
+
+    let linger = Duration::from_millis(args.batch_linger_ms);
+    let mut batch: Vec<OwnedMessage> = Vec::with_capacity(args.batch_records);
+    let mut last_gauges = Instant::now();
+    let result = loop {
+        if shutdown.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        if watch.stalled(Instant::now()) && lock(&engine).partitions.is_empty() {
+            tracing::warn!(
+                group = args.group,
+                stall_s = args.group_stall_s,
+                "never settled back into the consumer group: replacing the consumer"
+            );
+            metrics::counter!(names::ERRORS, "kind" => "group_stalled").increment(1);
+            match subscribe() {
+                // The old consumer closes (leaves the group) as it is dropped.
+                Ok(fresh) => drop(std::mem::replace(&mut consumer, fresh)),
+                Err(e) => break Err(e),
+            }
+            watch.reset();
+        }
+        if let Some(s) = scheduler.as_mut() {
+            let assigned = lock(&engine).positions();
+            s.schedule(&consumer, &assigned);
+        }
+        let deadline = Instant::now() + linger;
+        while batch.len() < args.batch_records {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match consumer.poll(left) {
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(e)) => {
+                    metrics::counter!(names::ERRORS, "kind" => "consume").increment(1);
+                    tracing::warn!(error = %e, "consume error");
+                }
+                None => break,
+            }
+        }
+        let mut engine = lock(&engine);
+        if let Some(e) = engine.fatal.take() {
+            break Err(e);
+        }
+        let side_records = engine
+            .side
+            .as_ref()
+            .map(|s| s.poll(args.batch_records))
+            .unwrap_or_default();
+        let mut commits = Vec::new();
+        if !side_records.is_empty() {
+            match engine.process_side(side_records) {
+                Ok(c) => commits.push(c),
+                Err(e) => break Err(e),
+            }
+        }
+        if !batch.is_empty() {
+            match engine.process_batch(&mut batch) {
+                Ok(c) => commits.push(c),
+                Err(e) => break Err(e),
+            }
+        }
+        if last_gauges.elapsed() > Duration::from_secs(5) {
+            engine.update_state_gauges();
+            last_gauges = Instant::now();
+        }
+        drop(engine);
+        for c in commits.iter().filter(|c| c.count() > 0) {
+            if let Err(e) = consumer.commit(c, CommitMode::Async) {
+                tracing::debug!(error = %e, "async offset commit failed; the next one supersedes it");
+            }
+        }
+    };
+    health.set_live(false);
+    // Graceful: close every partition (changelog flushed, clean meta), commit, leave the group.
+    let tps: Vec<TopicPartition> = lock(&engine).partitions.keys().cloned().collect();
+    let closed = lock(&engine).close_partitions(&tps, result.is_ok());
+    if result.is_ok() {
+        if let Some(table) = lock(&engine).factory.side_table() {
+            if let Err(e) = table.close() {
+                tracing::warn!(error = %e, "closing the side table failed");
+            }
+        }
+    }
+    if let Ok(c) = &closed {
+        if c.count() > 0 {
+            if let Err(e) = consumer.commit(c, CommitMode::Sync) {
+                tracing::warn!(error = %e, "final offset commit failed");
+            }
+        }
+    }
+    drop(consumer);
+    tracing::info!("stopped");
+    result.and(closed.map(|_| ()))
+}
+
+/// Adds `tp` at `next_offset` to a list of offsets to commit to the group.
+fn add_commit(
+    commits: &mut rdkafka::TopicPartitionList,
+    tp: &TopicPartition,
+    next_offset: i64,
+) -> Result<()> {
+    if next_offset >= 0 {
+        commits
+            .add_partition_offset(
+                &tp.topic,
+                tp.partition,
+                rdkafka::Offset::Offset(next_offset),
+            )
+            .map_err(|e| CoreError::kafka("commit list", e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! Opening an assigned partition (restore from the changelog when the local store is not
+//! current, honour a replay request, recovery scan, side catch-up) and closing a revoked one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::TopicPartitionList;
+
+use super::{add_commit, Engine, Partition};
+use crate::changelog;
+use crate::commit::{commit_logged, settle_changelog};
+use crate::error::{CoreError, Result};
+use crate::kafka::retry_transient;
+use crate::operator::{self, OperatorFactory};
+use crate::replay;
+use crate::store::{Changes, PartitionMeta, PartitionStore};
+use crate::telemetry::names;
+use crate::topic_partition::TopicPartition;
+
+impl<F: OperatorFactory> Engine<F> {
+    fn store_path(&self, tp: &TopicPartition) -> PathBuf {
+        self.state_dir
+            .join(&self.group)
+            .join(format!("{}-{}", tp.topic, tp.partition))
+    }
+
+    /// Opens, restores and recovers newly assigned partitions; returns where each starts.
+    pub(super) fn open_partitions(
+        &mut self,
+        tps: &[TopicPartition],
+    ) -> Result<Vec<(TopicPartition, Option<i64>)>> {
+        self.follow_side(tps)?;
+        let mut opened = Vec::new();
+        for tp in tps {
+            if self.partitions.contains_key(tp) {
+                continue;
+            }
+            self.health.restore_started();
+            let res = self.open_partition(tp);
+            self.health.restore_finished();
+            self.partitions.insert(tp.clone(), res?);
+            opened.push(tp.clone());
+        }
+        if self.exactly_once() {
+            self.recover(&opened)?;
+        }
+        self.reconcile_side(&opened)?;
+        Ok(tps
+            .iter()
+            .map(|tp| {
+                let start = self
+                    .partitions
+                    .get(tp)
+                    .map(|p| p.meta.next_offset)
+                    .filter(|o| *o >= 0);
+                (tp.clone(), start)
+            })
+            .collect())
+    }
+
+    fn open_partition(&mut self, tp: &TopicPartition) -> Result<Partition<F::Op>> {
+        let started = Instant::now();
+        let path = self.store_path(tp);
+        let cl_topic = changelog::topic_name(&self.group, &tp.topic);
+        let (_, cl_end) = retry_transient("changelog watermarks", || {
+            self.reader
+                .fetch_watermarks(&cl_topic, tp.partition, Duration::from_secs(10))
+        })
+        .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{}", tp.partition), e))?;
+        let mut store = PartitionStore::open(&path)?;
+        let local = store.meta()?;
+        // The local store is a cache: rebuild it when it is missing, when another instance
+        // committed the partition since, or when it is ahead of the changelog (a crash between
+        // its commit and the changelog write).
+        let rebuild = match &local {
+            None => cl_end > 0,
+            Some(l) => {
+                let head = changelog::head_meta(
+                    &self.reader,
+                    &cl_topic,
+                    tp.partition,
+                    l.changelog_pos,
+                    cl_end,
+                )?;
+                !l.is_current(head.as_ref())
+            }
+        };
+        if rebuild {
+            drop(store);
+            PartitionStore::destroy(&path)?;
+            store = PartitionStore::open(&path)?;
+            let (records, _) = changelog::restore(
+                &self.reader,
+                &mut store,
+                &cl_topic,
+                tp.partition,
+                cl_end,
+                |n| metrics::counter!(names::RESTORE_RECORDS).increment(n),
+            )?;
+            tracing::info!(
+                topic = tp.topic,
+                partition = tp.partition,
+                records,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "state restored from changelog"
+            );
+        }
+        let mut meta = store.meta()?.unwrap_or(PartitionMeta {
+            next_offset: -1,
+            clean: true,
+            ..Default::default()
+        });
+        meta.changelog_pos = meta.changelog_pos.max(cl_end);
+        let io = replay::Io {
+            reader: &self.reader,
+            producer: &self.producer,
+            group: &self.group,
+            tp,
+        };
+        let (store, replayed) = self.replay.honour(&self.factory, &io, store, &mut meta)?;
+        let op = match replayed {
+            Some(op) => op,
+            None => self.factory.open(&tp.topic, tp.partition, &store)?,
+        };
+        metrics::gauge!(names::STATE_BYTES, "topic" => tp.topic.clone(), "partition" => tp.partition.to_string())
+            .set(store.approximate_bytes() as f64);
+        tracing::info!(
+            topic = tp.topic,
+            partition = tp.partition,
+            next_offset = meta.next_offset,
+            clean = meta.clean,
+            rebuilt = rebuild,
+            "partition opened"
+        );
+        Ok(Partition {
+            store,
+            op,
+            meta,
+            changes: Changes::default(),
+            already_written: HashMap::new(),
+            already_written_max: -1,
+            pending_changelog: Vec::new(),
+            acked: BTreeMap::new(),
+        })
+    }
+
+    /// Finishes revoked partitions: waits for their changelog, marks them clean, returns the
+    /// offsets to commit. `graceful` is false when the assignment was lost to another member.
+    pub(super) fn close_partitions(
+        &mut self,
+        tps: &[TopicPartition],
+        graceful: bool,
+    ) -> Result<TopicPartitionList> {
+        let mut commits = TopicPartitionList::new();
+        for tp in tps {
+            let Some(mut part) = self.partitions.remove(tp) else {
+                continue;
+            };
+            if !graceful {
+                tracing::warn!(
+                    topic = tp.topic,
+                    partition = tp.partition,
+                    "partition lost: closing without commit"
+                );
+                continue;
+            }
+            if let Some(pos) = settle_changelog(std::mem::take(&mut part.pending_changelog))? {
+                part.meta.changelog_pos = pos;
+            }
+            operator::flush(&mut part.op, &part.store, &mut part.changes, true)?;
+            // Outputs found by a recovery scan but not re-encountered yet keep the partition
+            // dirty, so the next owner scans for them again.
+            part.meta.clean = part.already_written.is_empty();
+            if self.exactly_once() {
+                let pending = commit_logged(
+                    &self.producer,
+                    &self.group,
+                    tp,
+                    &mut part.store,
+                    &part.changes,
+                    &mut part.meta,
+                    "after_close_committed",
+                )?;
+                if let Some(pos) = settle_changelog(pending)? {
+                    part.meta.changelog_pos = pos;
+                }
+                part.store.commit(&Changes::default(), &part.meta)?;
+            } else {
+                part.store.commit(&part.changes, &part.meta)?;
+            }
+            part.changes.clear();
+            part.store.flush()?;
+            add_commit(&mut commits, tp, part.meta.next_offset)?;
+            tracing::info!(
+                topic = tp.topic,
+                partition = tp.partition,
+                next_offset = part.meta.next_offset,
+                "partition closed"
+            );
+        }
+        Ok(commits)
+    }
+}
