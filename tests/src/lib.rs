@@ -17,6 +17,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sieve_core::config::KafkaArgs;
 use sieve_core::kafka::Clients;
+use sieve_core::signal::{self, Signal};
 
 pub mod chaos;
 
@@ -303,15 +304,10 @@ impl Broker {
     /// Freezes the broker (SIGSTOP) for `d`, then lets it go on (SIGCONT): a broker that
     /// stops answering without closing connections, like a long GC or disk stall.
     pub fn freeze(&self, d: Duration) -> Result<()> {
-        let pid = self.child.as_ref().context("broker not running")?.id() as i32;
-        // SAFETY: signals to our own child's pid.
-        unsafe {
-            libc::kill(pid, libc::SIGSTOP);
-        }
+        let pid = self.child.as_ref().context("broker not running")?.id();
+        signal::send(pid, Signal::Stop)?;
         std::thread::sleep(d);
-        unsafe {
-            libc::kill(pid, libc::SIGCONT);
-        }
+        signal::send(pid, Signal::Cont)?;
         Ok(())
     }
 
@@ -572,7 +568,7 @@ impl Cluster {
     }
 
     /// The pid of node `n` (1-based), for SIGKILL or SIGSTOP.
-    pub fn pid(&self, n: usize) -> Result<i32> {
+    pub fn pid(&self, n: usize) -> Result<u32> {
         let path = self.dir.path().join(format!("node-{n}/pid"));
         Ok(std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?
@@ -585,10 +581,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for n in 1..=self.nodes {
             if let Ok(pid) = self.pid(n) {
-                // SAFETY: kill(2) on a broker this cluster started.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+                let _ = signal::send(pid, Signal::Kill);
             }
         }
     }
@@ -774,10 +767,7 @@ impl Service {
         let Some(mut c) = self.child.take() else {
             bail!("not running")
         };
-        // SAFETY: sending a signal to our own child's pid.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
+        signal::send(c.id(), Signal::Term)?;
         let status = wait_for("graceful exit", timeout, || c.try_wait().ok().flatten());
         match status {
             Ok(s) => Ok(s.code().unwrap_or(-1)),
