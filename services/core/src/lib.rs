@@ -20,7 +20,4 @@ pub mod store;
 pub mod telemetry;
 pub mod topics;
 
-/// The pure decoders live in sieve-formats (cheap to fuzz); here under their old paths.
-pub use sieve_formats::{jsonfile, jsonkey};
-
 pub use error::{CoreError, Result};

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use serde::Serialize;
-use sieve_core::jsonfile::{self, BytesRead, Position};
 use sieve_core::kafka::Clients;
+use sieve_formats::jsonfile::{self, BytesRead, Position};
 
 use crate::checkpoint::{Checkpoint, FileIdentity};
 use crate::config::FileArgs;

@@ -57,7 +57,7 @@ pub fn prepare(
         .spec
         .idempotency_field
         .as_deref()
-        .and_then(|p| sieve_core::jsonkey::key_of(doc, p).ok())
+        .and_then(|p| sieve_formats::jsonkey::key_of(doc, p).ok())
         .map(|k| String::from_utf8_lossy(&k).into_owned());
     // A single record's header beats its field; in a batch the field names each record.
     let idempotency_key = match (source, field) {
@@ -68,7 +68,9 @@ pub fn prepare(
         (KeySource::None, None) => content_key(&stream.name, body),
     };
     let key = match &stream.spec.key_field {
-        Some(ptr) => sieve_core::jsonkey::key_of(doc, ptr).map_err(|e| key_rejection(ptr, &e))?,
+        Some(ptr) => {
+            sieve_formats::jsonkey::key_of(doc, ptr).map_err(|e| key_rejection(ptr, &e))?
+        }
         None => idempotency_key.clone().into_bytes(),
     };
     let salt = stream.spec.salt.as_ref().and_then(|s| {

@@ -58,14 +58,14 @@ pub fn check(stream: &Stream, bytes: &[u8], limits: RecordLimits) -> Result<Vali
     })?;
     schema(stream, &doc)?;
     if let Some(ptr) = &stream.spec.key_field {
-        sieve_core::jsonkey::key_of(&doc, ptr).map_err(|e| key_rejection(ptr, &e))?;
+        sieve_formats::jsonkey::key_of(&doc, ptr).map_err(|e| key_rejection(ptr, &e))?;
     }
     Ok(Valid { doc })
 }
 
-pub fn key_rejection(ptr: &str, e: &sieve_core::jsonkey::KeyError) -> Rejection {
+pub fn key_rejection(ptr: &str, e: &sieve_formats::jsonkey::KeyError) -> Rejection {
     let reason = match e {
-        sieve_core::jsonkey::KeyError::NotScalar(_) => Reason::KeyNotScalar,
+        sieve_formats::jsonkey::KeyError::NotScalar(_) => Reason::KeyNotScalar,
         _ => Reason::MissingKey,
     };
     Rejection::new(reason, e.to_string()).at(ptr, "key_field")
