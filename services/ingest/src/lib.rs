@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod file;
+pub mod headers;
 pub mod http;
 pub mod keys;
 pub mod metrics;
