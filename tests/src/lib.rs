@@ -18,6 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sieve_core::config::KafkaArgs;
 use sieve_core::kafka::Clients;
 use sieve_core::signal::{self, Signal};
+use sieve_core::telemetry::proc_status_kb;
 
 pub mod chaos;
 
@@ -865,18 +866,6 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
         Err(ureq::Error::Status(code, r)) => Some((code, r.into_string().unwrap_or_default())),
         Err(_) => None,
     }
-}
-
-/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`…).
-pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Sum of the samples of `name` whose label set contains every one of `labels`.

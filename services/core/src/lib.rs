@@ -9,6 +9,7 @@ pub mod error;
 pub mod failpoint;
 pub mod group_watch;
 pub mod kafka;
+pub mod paths;
 pub mod priority;
 pub mod record;
 pub mod replay;
