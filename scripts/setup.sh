@@ -3,8 +3,8 @@
 # OpenSSL headers (librdkafka's TLS and SCRAM),
 # Prometheus (promtool checks the alert rules; the server scrapes the services in a test), wrk,
 # GNU time and python3-venv (the benchmark runner), Java 17 and Maven (Apache Kafka's jars come
-# from Maven Central) and the broker itself (fetched once into ~/.cache/sieve). Safe to run
-# again: it checks first.
+# from Maven Central), cargo-machete (unused dependencies) and the broker itself (fetched once
+# into ~/.cache/sieve). Safe to run again: it checks first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! dpkg -s libclang-dev >/dev/null 2>&1; then
@@ -36,5 +36,14 @@ if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
   echo "setup: installing Java 17 and Maven (Apache Kafka runs on the JVM; its jars come from Maven Central)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+fi
+# cargo-machete (CI's unused-dependency check) beside cargo-deny in the tools cache; small, a
+# couple of minutes to build once.
+TOOLS="${SIEVE_CACHE:-$HOME/.cache/sieve}/tools"
+if ! PATH="$TOOLS/bin:$PATH" command -v cargo-machete >/dev/null 2>&1; then
+  echo "setup: installing cargo-machete into $TOOLS (unused dependencies)"
+  CARGO_TARGET_DIR="$TOOLS/target-machete" cargo install cargo-machete --version 0.9.2 --locked \
+    --quiet --root "$TOOLS" -j "${CARGO_BUILD_JOBS:-2}"
+  rm -rf "$TOOLS/target-machete"
 fi
 scripts/broker.sh install

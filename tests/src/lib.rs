@@ -17,6 +17,8 @@ use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sieve_core::config::KafkaArgs;
 use sieve_core::kafka::Clients;
+use sieve_core::signal::{self, Signal};
+use sieve_core::telemetry::proc_status_kb;
 
 pub mod chaos;
 
@@ -303,15 +305,10 @@ impl Broker {
     /// Freezes the broker (SIGSTOP) for `d`, then lets it go on (SIGCONT): a broker that
     /// stops answering without closing connections, like a long GC or disk stall.
     pub fn freeze(&self, d: Duration) -> Result<()> {
-        let pid = self.child.as_ref().context("broker not running")?.id() as i32;
-        // SAFETY: signals to our own child's pid.
-        unsafe {
-            libc::kill(pid, libc::SIGSTOP);
-        }
+        let pid = self.child.as_ref().context("broker not running")?.id();
+        signal::send(pid, Signal::Stop)?;
         std::thread::sleep(d);
-        unsafe {
-            libc::kill(pid, libc::SIGCONT);
-        }
+        signal::send(pid, Signal::Cont)?;
         Ok(())
     }
 
@@ -572,7 +569,7 @@ impl Cluster {
     }
 
     /// The pid of node `n` (1-based), for SIGKILL or SIGSTOP.
-    pub fn pid(&self, n: usize) -> Result<i32> {
+    pub fn pid(&self, n: usize) -> Result<u32> {
         let path = self.dir.path().join(format!("node-{n}/pid"));
         Ok(std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?
@@ -585,10 +582,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for n in 1..=self.nodes {
             if let Ok(pid) = self.pid(n) {
-                // SAFETY: kill(2) on a broker this cluster started.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+                let _ = signal::send(pid, Signal::Kill);
             }
         }
     }
@@ -774,10 +768,7 @@ impl Service {
         let Some(mut c) = self.child.take() else {
             bail!("not running")
         };
-        // SAFETY: sending a signal to our own child's pid.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
+        signal::send(c.id(), Signal::Term)?;
         let status = wait_for("graceful exit", timeout, || c.try_wait().ok().flatten());
         match status {
             Ok(s) => Ok(s.code().unwrap_or(-1)),
@@ -875,18 +866,6 @@ pub fn http_get(url: &str) -> Option<(u16, String)> {
         Err(ureq::Error::Status(code, r)) => Some((code, r.into_string().unwrap_or_default())),
         Err(_) => None,
     }
-}
-
-/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`…).
-pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Sum of the samples of `name` whose label set contains every one of `labels`.

@@ -1,4 +1,4 @@
-use sieve_core::jsonfile::ReadError;
+use sieve_formats::jsonfile::ReadError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AntijoinError {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use crossbeam_channel::bounded;
 use indicatif::{ProgressBar, ProgressStyle};
-use sieve_core::jsonfile::{self, Position};
-use sieve_core::jsonkey;
 use sieve_core::telemetry::peak_rss_bytes;
+use sieve_formats::jsonfile::{self, Position};
+use sieve_formats::jsonkey;
 
 use crate::error::{AntijoinError, Result};
 use crate::right::RightSet;

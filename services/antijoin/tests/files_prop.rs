@@ -8,14 +8,12 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use sieve_antijoin::files::{run, FilesArgs};
 
-fn write(path: &std::path::Path, recs: &[String], array: bool) {
-    let mut f = std::fs::File::create(path).unwrap();
+fn write(path: &std::path::Path, recs: &[String], array: bool) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
     if array {
-        write!(f, "[{}]", recs.join(",")).unwrap();
+        write!(f, "[{}]", recs.join(","))
     } else {
-        for r in recs {
-            writeln!(f, "{r}").unwrap();
-        }
+        recs.iter().try_for_each(|r| writeln!(f, "{r}"))
     }
 }
 
@@ -33,8 +31,8 @@ proptest! {
         let left_recs: Vec<String> = left.iter().enumerate().map(|(i, k)| format!(r#"{{"id":"k{k}","i":{i}}}"#)).collect();
         let right_recs: Vec<String> = right.iter().map(|k| format!(r#"{{"id":"k{k}"}}"#)).collect();
         let (l, r, o) = (dir.path().join("l"), dir.path().join("r"), dir.path().join("o"));
-        write(&l, &left_recs, array);
-        write(&r, &right_recs, !array);
+        write(&l, &left_recs, array).unwrap();
+        write(&r, &right_recs, !array).unwrap();
         let args = FilesArgs {
             left: vec![l],
             right: vec![r],

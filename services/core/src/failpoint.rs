@@ -27,15 +27,11 @@ fn armed() -> Option<&'static Armed> {
 }
 
 /// Kills the process with SIGKILL (no destructors, no flushes) when armed for `name`.
-#[allow(unsafe_code)]
 pub fn hit(name: &str) {
     if let Some(a) = armed() {
         if a.name == name && a.seen.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
             tracing::warn!(failpoint = name, "failpoint reached: killing the process");
-            // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
+            let _ = crate::signal::send(std::process::id(), crate::signal::Signal::Kill);
         }
     }
 }

@@ -1,7 +1,5 @@
 //! sieve's shared runtime. Every service is an [`operator::Operator`] (or an HTTP front end)
 //! on top of these pieces; the `sieve` binary, the tests and the benchmarks drive the same code.
-#![deny(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod bloom;
 pub mod changelog;
@@ -14,20 +12,19 @@ pub mod failpoint;
 pub mod group_watch;
 pub mod kafka;
 pub mod operator;
+pub mod paths;
 pub mod priority;
 mod produce;
 pub mod record;
 pub mod replay;
 pub mod service;
 pub mod side;
+pub mod signal;
 pub mod store;
 pub mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod topic_partition;
 pub mod topics;
-
-/// The pure decoders live in sieve-formats (cheap to fuzz); here under their old paths.
-pub use sieve_formats::{jsonfile, jsonkey};
 
 pub use error::{CoreError, Result};

@@ -365,22 +365,36 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor> {
 
 /// Peak resident memory of this process (VmHWM), in bytes; 0 where /proc is unavailable.
 pub fn peak_rss_bytes() -> u64 {
-    proc_status_kb("VmHWM:") * 1024
+    proc_status_kb(std::process::id(), "VmHWM").unwrap_or(0) * 1024
 }
 
 /// Current resident memory of this process (VmRSS), in bytes.
 pub fn rss_bytes() -> u64 {
-    proc_status_kb("VmRSS:") * 1024
+    proc_status_kb(std::process::id(), "VmRSS").unwrap_or(0) * 1024
 }
 
-fn proc_status_kb(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A `kB` field (`VmRSS`, `VmHWM`…) of `/proc/PID/status`; `None` where /proc or the process
+/// is gone.
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_of_this_process_is_read_from_proc() {
+        let (rss, peak) = (rss_bytes(), peak_rss_bytes());
+        assert!(rss > 0 && peak >= rss, "rss {rss}, peak {peak}");
+        assert_eq!(proc_status_kb(std::process::id(), "NoSuchField"), None);
+        assert_eq!(proc_status_kb(0, "VmRSS"), None);
+    }
 }

@@ -12,11 +12,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rdkafka::message::{Message, OwnedMessage};
 use sieve_core::bloom::KeyBloom;
 use sieve_core::dlq::dead_letter;
-use sieve_core::jsonkey;
 use sieve_core::operator::{Ctx, Operator};
 use sieve_core::record::{header, Output};
 use sieve_core::store::{bucket_cf, bucket_name, i64_of, PartitionStore, DEFAULT_CF};
 use sieve_core::Result;
+use sieve_formats::jsonkey;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::{DedupArgs, TimeSource};

@@ -1,6 +1,5 @@
-//! Decoders of untrusted bytes with no Kafka or RocksDB in them, re-exported by sieve-core.
-#![deny(unsafe_code)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+//! Decoders of untrusted bytes with no Kafka or RocksDB in them: JSON pointer keys and the
+//! streaming bulk-file reader, imported by the services that read records and files.
 
 pub mod jsonfile;
 pub mod jsonkey;

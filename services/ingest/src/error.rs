@@ -14,7 +14,7 @@ pub enum IngestError {
     #[error(transparent)]
     Core(#[from] sieve_core::CoreError),
     #[error(transparent)]
-    Read(#[from] sieve_core::jsonfile::ReadError),
+    Read(#[from] sieve_formats::jsonfile::ReadError),
     #[error("Kafka: {0}")]
     Kafka(String),
 }

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use serde::Serialize;
-use sieve_core::jsonfile::{self, BytesRead, Position};
 use sieve_core::kafka::Clients;
+use sieve_formats::jsonfile::{self, BytesRead, Position};
 
 use crate::checkpoint::{Checkpoint, FileIdentity};
 use crate::config::FileArgs;
 use crate::error::{IngestError, Result};
-use crate::keys::{self, headers, KeySource};
+use crate::headers;
+use crate::keys::{self, KeySource};
 use crate::producer::{self, Out};
 use crate::reject::Rejection;
 use crate::streams::{Registry, Stream};

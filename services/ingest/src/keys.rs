@@ -1,21 +1,10 @@
-//! Idempotency keys, Kafka keys, salts and headers of an accepted record.
+//! Idempotency keys, Kafka keys and salts of an accepted record.
 
 use serde_json::Value;
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 use crate::reject::Rejection;
 use crate::streams::Stream;
-use crate::validate::key_rejection;
-
-/// Header names every ingest record carries. `idempotency-key` is what dedup reads.
-pub mod headers {
-    pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
-    pub const STREAM: &str = "sieve-ingest-stream";
-    pub const TENANT: &str = "sieve-ingest-tenant";
-    pub const SOURCE: &str = "sieve-ingest-source";
-    /// The salt bucket appended to a hot key (`key~N`); absent when the key is not salted.
-    pub const SALT: &str = "sieve-salt";
-}
 
 /// A record ready to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +46,7 @@ pub fn prepare(
         .spec
         .idempotency_field
         .as_deref()
-        .and_then(|p| sieve_core::jsonkey::key_of(doc, p).ok())
+        .and_then(|p| sieve_formats::jsonkey::key_of(doc, p).ok())
         .map(|k| String::from_utf8_lossy(&k).into_owned());
     // A single record's header beats its field; in a batch the field names each record.
     let idempotency_key = match (source, field) {
@@ -68,7 +57,9 @@ pub fn prepare(
         (KeySource::None, None) => content_key(&stream.name, body),
     };
     let key = match &stream.spec.key_field {
-        Some(ptr) => sieve_core::jsonkey::key_of(doc, ptr).map_err(|e| key_rejection(ptr, &e))?,
+        Some(ptr) => {
+            sieve_formats::jsonkey::key_of(doc, ptr).map_err(|e| Rejection::of_key(ptr, &e))?
+        }
         None => idempotency_key.clone().into_bytes(),
     };
     let salt = stream.spec.salt.as_ref().and_then(|s| {

@@ -2,8 +2,9 @@
 //! metrics and summaries), the HTTP status it maps to, and where in the record it failed.
 
 use serde::Serialize;
+use sieve_formats::jsonkey::KeyError;
 
-use crate::keys::headers;
+use crate::headers;
 use crate::streams::Stream;
 
 /// Stable reason codes. Documented in docs/ingest.md; never rename one.
@@ -173,6 +174,15 @@ impl Rejection {
             rule: None,
             detail: detail.into(),
         }
+    }
+
+    /// A record whose key field (JSON pointer `ptr`) is missing or not a scalar.
+    pub fn of_key(ptr: &str, e: &KeyError) -> Self {
+        let reason = match e {
+            KeyError::NotScalar(_) => Reason::KeyNotScalar,
+            _ => Reason::MissingKey,
+        };
+        Rejection::new(reason, e.to_string()).at(ptr, "key_field")
     }
 
     pub fn at(mut self, path: impl Into<String>, rule: impl Into<String>) -> Self {

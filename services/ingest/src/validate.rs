@@ -58,17 +58,9 @@ pub fn check(stream: &Stream, bytes: &[u8], limits: RecordLimits) -> Result<Vali
     })?;
     schema(stream, &doc)?;
     if let Some(ptr) = &stream.spec.key_field {
-        sieve_core::jsonkey::key_of(&doc, ptr).map_err(|e| key_rejection(ptr, &e))?;
+        sieve_formats::jsonkey::key_of(&doc, ptr).map_err(|e| Rejection::of_key(ptr, &e))?;
     }
     Ok(Valid { doc })
-}
-
-pub fn key_rejection(ptr: &str, e: &sieve_core::jsonkey::KeyError) -> Rejection {
-    let reason = match e {
-        sieve_core::jsonkey::KeyError::NotScalar(_) => Reason::KeyNotScalar,
-        _ => Reason::MissingKey,
-    };
-    Rejection::new(reason, e.to_string()).at(ptr, "key_field")
 }
 
 /// The first schema error (the most specific is enough for a client to fix the record).

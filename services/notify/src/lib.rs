@@ -45,7 +45,7 @@ fn priorities(topics: &[String], guard: Duration) -> Option<(BTreeMap<String, u8
 }
 
 fn side_path(service: &ServiceArgs, name: &str) -> std::path::PathBuf {
-    service.state_dir.join(&service.group).join(name)
+    sieve_core::paths::group_dir(&service.state_dir, &service.group).join(name)
 }
 
 /// The smallest partition count of the task topics: planned shards must exist on every one.

@@ -407,6 +407,7 @@ fn mark(line: &str, service: &str, json: bool) -> String {
 }
 
 /// SIGTERM, then SIGKILL after `timeout`.
+#[allow(unsafe_code)]
 async fn terminate(child: &mut Child, svc: Svc, timeout: Duration) {
     if let Some(pid) = child.id() {
         // SAFETY: kill(2) on our own child's pid; it has not been reaped (wait not returned).

@@ -132,7 +132,7 @@ pub fn produce_ndjson(
         }
         let key = match key_pointer {
             Some(ptr) => Some(
-                sieve_core::jsonkey::extract(line.as_bytes(), ptr)
+                sieve_formats::jsonkey::extract(line.as_bytes(), ptr)
                     .with_context(|| format!("line {}: key {ptr}", i + 1))?,
             ),
             None => None,

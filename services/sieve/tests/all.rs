@@ -11,6 +11,7 @@ use anyhow::{ensure, Context, Result};
 use rdkafka::message::Message;
 use serde_json::Value;
 use sieve::gen::{self, EventKind, EventSpec};
+use sieve_core::signal::{self, Signal};
 use sieve_tests::{wait_for, Broker, Service};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");
@@ -222,10 +223,8 @@ fn every_service_runs_under_one_supervisor_and_survives_a_crash() -> Result<()> 
     let pid = wait_for("dedup's pid", Duration::from_secs(10), || {
         all.service("dedup")?["pid"].as_i64()
     })?;
-    // SAFETY: SIGKILL to the supervisor's child, a process this test started indirectly.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
-    }
+    // SIGKILL to the supervisor's child, a process this test started indirectly.
+    signal::send(u32::try_from(pid)?, Signal::Kill)?;
     wait_for("dedup restarted", Duration::from_secs(30), || {
         let s = all.service("dedup")?;
         (s["restarts"].as_u64()? >= 1 && s["pid"].as_i64()? != pid).then_some(())
@@ -274,11 +273,11 @@ fn every_service_runs_under_one_supervisor_and_survives_a_crash() -> Result<()> 
     ensure!(restarts >= 1.0, "restart counted: {restarts}");
 
     // SIGTERM: every service commits and stops, then the supervisor exits 0.
-    let pids: Vec<i64> = all
+    let pids: Vec<u64> = all
         .services()
         .context("GET /services")?
         .iter()
-        .filter_map(|s| s["pid"].as_i64())
+        .filter_map(|s| s["pid"].as_u64())
         .collect();
     let mut all = all;
     let code = all.svc.terminate(Duration::from_secs(60))?;
@@ -288,8 +287,7 @@ fn every_service_runs_under_one_supervisor_and_survives_a_crash() -> Result<()> 
         all.svc.log_tail(40)
     );
     for pid in pids {
-        // SAFETY: signal 0 only checks whether the process exists.
-        let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
+        let alive = signal::alive(u32::try_from(pid)?);
         ensure!(!alive, "service {pid} outlived the supervisor");
     }
     let end = all.broker.end_offsets("events.raw")?;

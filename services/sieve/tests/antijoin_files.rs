@@ -58,6 +58,7 @@ fn antijoin(left: &Path, right: &Path, out: &Path, extra: &[&str]) -> Result<(St
 
 /// Largest peak RSS among this process's waited-for children (nextest runs each test in
 /// its own process, so this is the anti-join's).
+#[allow(unsafe_code)]
 fn children_peak_rss() -> u64 {
     // SAFETY: getrusage writes into the struct we pass and has no other preconditions.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };

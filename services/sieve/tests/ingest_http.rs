@@ -14,6 +14,7 @@ use anyhow::{ensure, Context, Result};
 use ingest_common::{ensure_status, event, post, Ingest, Resp, KEY, KEY_LIMITED, KEY_RESTRICTED};
 use rdkafka::message::Message;
 use serde::Deserialize;
+use sieve_core::signal::{self, Signal};
 use sieve_tests::{header_str, unique, wait_for, Broker};
 
 struct Topics {
@@ -303,10 +304,7 @@ fn graceful_stop_finishes_the_request_in_flight(
         (ingest.svc.metric("sieve_ingest_requests_in_flight", &[]) == Some(1.0)).then_some(())
     })?;
     let pid = ingest.svc.pid().context("pid")?;
-    // SAFETY: a signal to our own child.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGTERM);
-    }
+    signal::send(pid, Signal::Term)?;
     let ready = ingest.url("/readyz");
     wait_for(
         "the server to stop being ready",

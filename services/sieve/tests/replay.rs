@@ -14,6 +14,7 @@ use common::{count, generated, Out, Pipeline};
 use rdkafka::message::Message;
 use sieve::gen::{Event, EventKind};
 use sieve_core::changelog;
+use sieve_core::paths;
 use sieve_core::store::{bucket_cf, PartitionStore, DEFAULT_CF};
 use sieve_tests::{wait_for, Broker};
 
@@ -282,12 +283,7 @@ fn a_restore_after_a_replay_brings_no_pre_replay_state_back() -> Result<()> {
     })?;
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
 
-    let local_path = p
-        .dir
-        .path()
-        .join("state")
-        .join(&p.group)
-        .join(format!("{}-0", p.raw));
+    let local_path = paths::partition_store(&p.dir.path().join("state"), &p.group, &p.raw, 0);
     let local = state_keys(&PartitionStore::open(&local_path)?)?;
     let restored_dir = tempfile::tempdir()?;
     let mut restored = PartitionStore::open(restored_dir.path())?;

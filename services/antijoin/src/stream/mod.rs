@@ -62,9 +62,7 @@ impl StreamFactory {
     /// Opens this instance's right-side table under the service's state directory.
     pub fn open(args: StreamArgs, service: &ServiceArgs) -> sieve_core::Result<Self> {
         metrics::describe();
-        let path = service
-            .state_dir
-            .join(&service.group)
+        let path = sieve_core::paths::group_dir(&service.state_dir, &service.group)
             .join(format!("right-{}", args.right));
         let right = SharedView::new(RightView::open(
             &path,

@@ -18,11 +18,11 @@ use std::sync::Arc;
 
 use rdkafka::message::{Message, OwnedMessage};
 use sieve_core::dlq::dead_letter;
-use sieve_core::jsonkey;
 use sieve_core::operator::{Ctx, Operator};
 use sieve_core::record::Output;
 use sieve_core::store::DEFAULT_CF;
 use sieve_core::Result;
+use sieve_formats::jsonkey;
 
 use super::config::{OutputMode, StreamArgs};
 use super::metrics as m;

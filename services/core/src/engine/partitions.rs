@@ -14,6 +14,7 @@ use crate::commit::{commit_logged, settle_changelog};
 use crate::error::{CoreError, Result};
 use crate::kafka::retry_transient;
 use crate::operator::{self, OperatorFactory};
+use crate::paths;
 use crate::replay;
 use crate::store::{Changes, PartitionMeta, PartitionStore};
 use crate::telemetry::names;
@@ -21,9 +22,7 @@ use crate::topic_partition::TopicPartition;
 
 impl<F: OperatorFactory> Engine<F> {
     fn store_path(&self, tp: &TopicPartition) -> PathBuf {
-        self.state_dir
-            .join(&self.group)
-            .join(format!("{}-{}", tp.topic, tp.partition))
+        paths::partition_store(&self.state_dir, &self.group, &tp.topic, tp.partition)
     }
 
     /// Opens, restores and recovers newly assigned partitions; returns where each starts.
