@@ -147,11 +147,12 @@ impl AllArgs {
             a.extend(["-X".into(), format!("{}={}", p.key, p.value)]);
         }
         a.extend([
-            "--connect-timeout-ms".into(),
-            self.kafka.connect_timeout_ms.to_string(),
-            "--log-format".into(),
-            format!("{:?}", self.log_format).to_lowercase(),
+            "--connect-timeout".into(),
+            humantime::format_duration(self.kafka.connect_timeout).to_string(),
         ]);
+        if let Some(format) = self.log_format.to_possible_value() {
+            a.extend(["--log-format".into(), format.get_name().to_string()]);
+        }
         if svc == Svc::Ingest {
             a.extend(["--listen".into(), self.ingest_listen.to_string()]);
         } else {
@@ -192,7 +193,7 @@ pub fn run(args: AllArgs) -> anyhow::Result<ExitCode> {
         bail!("--services names no service");
     }
     if let Some(file) = &args.topics {
-        let code = crate::ctl::topics_apply(args.kafka.clone(), file, "", topics::Mode::Create)?;
+        let code = crate::ctl::topics::apply(args.kafka.clone(), file, "", topics::Mode::Create)?;
         if code != ExitCode::SUCCESS {
             tracing::warn!(file = %file.display(), "topics drift from the file; starting anyway");
         }
@@ -502,6 +503,20 @@ mod tests {
         let ingest = a.child_args(Svc::Ingest).join(" ");
         assert!(ingest.contains("--listen 127.0.0.1:8080"), "{ingest}");
         assert!(!ingest.contains("--group"), "{ingest}");
+    }
+
+    /// What the supervisor passes its children is what the children accept.
+    #[test]
+    fn child_command_lines_parse() {
+        let a = parse(&["--connect-timeout", "1500ms", "--log-format", "json"]);
+        for svc in Svc::ALL {
+            let argv = std::iter::once("sieve".to_string()).chain(a.child_args(svc));
+            let cli = crate::cli::Cli::try_parse_from(argv)
+                .unwrap_or_else(|e| panic!("{}: {e}", svc.name()));
+            assert_eq!(cli.log_format(), LogFormat::Json, "{}", svc.name());
+        }
+        let joined = a.child_args(Svc::Dedup).join(" ");
+        assert!(joined.contains("--connect-timeout 1s 500ms"), "{joined}");
     }
 
     #[test]
