@@ -90,8 +90,9 @@ pub fn run(cmd: DlqCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         DlqCmd::List(a) => list(a.kafka.clone(), &a.topic, &a.filter()),
         DlqCmd::Show(a) => show(a.kafka.clone(), &a.topic, &a.filter()),
-        DlqCmd::Redrive { args: a, to_topic } => {
-            redrive(a.kafka.clone(), &a.topic, &a.filter(), to_topic.as_deref())
+        DlqCmd::Redrive { args, to_topic } => {
+            let filter = args.filter();
+            redrive(args.kafka, &args.topic, &filter, to_topic.as_deref())
         }
     }
 }
