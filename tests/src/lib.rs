@@ -175,7 +175,7 @@ fn loopback_args(brokers: String) -> KafkaArgs {
     KafkaArgs {
         brokers,
         properties: Vec::new(),
-        connect_timeout_ms: 5_000,
+        connect_timeout: Duration::from_secs(5),
     }
 }
 

@@ -506,7 +506,7 @@ fn bad_configuration_fails_fast_with_one_clear_line() -> Result<()> {
         "--metrics-addr",
         "127.0.0.1:0",
     ];
-    let (code, err) = run_to_exit(&[base.as_slice(), &["--connect-timeout-ms", "1500"]].concat())?;
+    let (code, err) = run_to_exit(&[base.as_slice(), &["--connect-timeout", "1500ms"]].concat())?;
     assert_ne!(code, 0);
     ensure!(
         err.contains("cannot reach Kafka brokers at 127.0.0.1:1"),

@@ -43,15 +43,9 @@ pub struct KafkaArgs {
         value_delimiter = ';'
     )]
     pub properties: Vec<KafkaProperty>,
-    /// How long to wait for the brokers at start before giving up.
-    #[arg(long, env = "SIEVE_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
-    pub connect_timeout_ms: u64,
-}
-
-impl KafkaArgs {
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
+    /// How long to wait for the brokers at start before giving up (for example 10s, 500ms).
+    #[arg(long, env = "SIEVE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -89,16 +83,16 @@ pub struct ServiceArgs {
     /// Most records taken into one processing batch (the in-flight budget).
     #[arg(long, env = "SIEVE_BATCH_RECORDS", default_value_t = 5_000)]
     pub batch_records: usize,
-    /// Longest wait for a batch to fill before it is processed.
-    #[arg(long, env = "SIEVE_BATCH_LINGER_MS", default_value_t = 50)]
-    pub batch_linger_ms: u64,
+    /// Longest wait for a batch to fill before it is processed (for example 50ms).
+    #[arg(long, env = "SIEVE_BATCH_LINGER", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub batch_linger: Duration,
     /// RocksDB memory of the whole process (block cache and memtables of every partition).
     #[arg(long, env = "SIEVE_STATE_MEMORY_MB", default_value_t = 64)]
     pub state_memory_mb: u64,
-    /// Seconds the consumer may stay outside its group (rejoining, no partitions) before it is
-    /// replaced by a fresh one (see `group_watch`); well above a normal rebalance.
-    #[arg(long, env = "SIEVE_GROUP_STALL_S", default_value_t = 60)]
-    pub group_stall_s: u64,
+    /// How long the consumer may stay outside its group (rejoining, no partitions) before it
+    /// is replaced by a fresh one (see `group_watch`); well above a normal rebalance.
+    #[arg(long, env = "SIEVE_GROUP_STALL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub group_stall: Duration,
 }
 
 #[cfg(test)]

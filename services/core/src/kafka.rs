@@ -129,11 +129,12 @@ impl Clients {
     pub fn check_reachable(&self) -> Result<()> {
         let reader = self.reader()?;
         reader
-            .fetch_metadata(None, self.args.connect_timeout())
+            .fetch_metadata(None, self.args.connect_timeout)
             .map(|_| ())
             .map_err(|e| CoreError::Unreachable {
                 brokers: self.args.brokers.clone(),
-                timeout_ms: self.args.connect_timeout_ms,
+                timeout_ms: u64::try_from(self.args.connect_timeout.as_millis())
+                    .unwrap_or(u64::MAX),
                 reason: e.to_string(),
             })
     }
@@ -141,7 +142,7 @@ impl Clients {
     /// Number of partitions of a topic, or an error naming the topic when it does not exist.
     pub fn partition_count(&self, reader: &BaseConsumer, topic: &str) -> Result<i32> {
         let md = reader
-            .fetch_metadata(Some(topic), self.args.connect_timeout())
+            .fetch_metadata(Some(topic), self.args.connect_timeout)
             .map_err(|e| CoreError::kafka(format!("metadata of {topic}"), e))?;
         let t = md
             .topics()
@@ -159,7 +160,7 @@ impl Clients {
     /// Replication factor of an existing topic (the replicas of its first partition).
     pub fn replication_of(&self, reader: &BaseConsumer, topic: &str) -> Result<i32> {
         let md = reader
-            .fetch_metadata(Some(topic), self.args.connect_timeout())
+            .fetch_metadata(Some(topic), self.args.connect_timeout)
             .map_err(|e| CoreError::kafka(format!("metadata of {topic}"), e))?;
         md.topics()
             .iter()
@@ -225,7 +226,7 @@ impl Clients {
         let started = std::time::Instant::now();
         loop {
             let served = reader
-                .fetch_metadata(Some(name), self.args.connect_timeout())
+                .fetch_metadata(Some(name), self.args.connect_timeout)
                 .ok()
                 .and_then(|md| {
                     let t = md.topics().iter().find(|t| t.name() == name)?;
@@ -335,7 +336,7 @@ mod tests {
             // Nothing listens there: creating a client does not connect.
             brokers: "127.0.0.1:1".into(),
             properties: props.iter().map(|p| p.parse().unwrap()).collect(),
-            connect_timeout_ms: 1000,
+            connect_timeout: Duration::from_secs(1),
         })
     }
 

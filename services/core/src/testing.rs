@@ -72,14 +72,12 @@ impl Input {
     /// The record as a consumer would hand it over, from `partition` at `offset`.
     pub fn message(self, default_topic: &str, partition: i32, offset: i64) -> OwnedMessage {
         let headers = (!self.headers.is_empty()).then(|| {
-            self.headers
-                .iter()
-                .fold(OwnedHeaders::new(), |h, (k, v)| {
-                    h.insert(rdkafka::message::Header {
-                        key: k,
-                        value: Some(v),
-                    })
+            self.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(rdkafka::message::Header {
+                    key: k,
+                    value: Some(v),
                 })
+            })
         });
         OwnedMessage::new(
             self.payload,
@@ -163,10 +161,7 @@ impl<O: Operator> OperatorHarness<O> {
         &mut self.op
     }
 
-    fn batch(
-        &mut self,
-        f: impl FnOnce(&mut O, &mut Ctx<'_>) -> Result<()>,
-    ) -> Result<Vec<Output>> {
+    fn batch(&mut self, f: impl FnOnce(&mut O, &mut Ctx<'_>) -> Result<()>) -> Result<Vec<Output>> {
         let mut changes = Changes::default();
         let mut outputs = Vec::new();
         f(

@@ -24,7 +24,7 @@ pub struct StreamArgs {
     pub streams: PathBuf,
     /// Topic for rejected records (original bytes, reason headers).
     #[arg(long, env = "SIEVE_INGEST_DLQ", default_value = "dlq.ingest")]
-    pub dlq_topic: String,
+    pub dlq: String,
     /// Largest record, in bytes (larger: `record_too_large`).
     #[arg(long, env = "SIEVE_INGEST_MAX_RECORD_BYTES", default_value_t = 1 << 20)]
     pub max_record_bytes: usize,
@@ -69,11 +69,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SIEVE_INGEST_MAX_REQUESTS", default_value_t = 256)]
     pub max_requests: usize,
     /// How long a request waits for the broker's acknowledgements before answering 503.
-    #[arg(long, env = "SIEVE_INGEST_ACK_TIMEOUT_MS", default_value_t = 10_000)]
-    pub ack_timeout_ms: u64,
+    #[arg(long, env = "SIEVE_INGEST_ACK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ack_timeout: Duration,
     /// How long a client may take to send a request's body before it is answered 408.
-    #[arg(long, env = "SIEVE_INGEST_BODY_TIMEOUT_MS", default_value_t = 30_000)]
-    pub body_timeout_ms: u64,
+    #[arg(long, env = "SIEVE_INGEST_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
     /// Serve HTTPS with this PEM certificate chain (with `--tls-key`).
     #[arg(long, env = "SIEVE_INGEST_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -81,24 +81,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SIEVE_INGEST_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// On SIGTERM, how long in-flight requests may take to finish.
-    #[arg(long, env = "SIEVE_INGEST_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
-    pub drain_timeout_ms: u64,
+    #[arg(long, env = "SIEVE_INGEST_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
     #[arg(long, env = "SIEVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(flatten)]
     pub streams: StreamArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
-}
-
-impl ServeArgs {
-    pub fn ack_timeout(&self) -> Duration {
-        Duration::from_millis(self.ack_timeout_ms)
-    }
-
-    pub fn body_timeout(&self) -> Duration {
-        Duration::from_millis(self.body_timeout_ms)
-    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -128,9 +118,9 @@ pub struct FileArgs {
     /// Records produced and not yet acknowledged (bounds memory).
     #[arg(long, default_value_t = 20_000)]
     pub inflight_records: usize,
-    /// Seconds between progress log lines when stderr is not a terminal.
-    #[arg(long, default_value_t = 10)]
-    pub log_every_secs: u64,
+    /// Time between progress log lines when stderr is not a terminal (at least 1s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub log_every: Duration,
     /// Never draw a progress bar, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,

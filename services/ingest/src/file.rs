@@ -108,7 +108,7 @@ pub fn run(args: &FileArgs) -> Result<Summary> {
         clients.check_reachable()?;
         let reader = clients.reader()?;
         clients.partition_count(&reader, &stream.spec.topic)?;
-        clients.partition_count(&reader, &args.streams.dlq_topic)?;
+        clients.partition_count(&reader, &args.streams.dlq)?;
         Some(clients.producer()?)
     };
     let start = Instant::now();
@@ -264,7 +264,7 @@ impl Load<'_> {
             Err(r) => {
                 let origin = format!("file {} {pos} (byte {at})", self.source);
                 let key = format!("{}:{pos}", self.key_prefix.as_deref().unwrap_or("stdin"));
-                let out = dead_letter(stream, &args.streams.dlq_topic, key, origin, r, bytes);
+                let out = dead_letter(stream, &args.streams.dlq, key, origin, r, bytes);
                 (out, Some(r.reason.as_str()))
             }
         };
@@ -425,7 +425,7 @@ impl Progress {
         });
         Progress {
             bar,
-            every: Duration::from_secs(args.log_every_secs.max(1)),
+            every: args.log_every.max(Duration::from_secs(1)),
             last: std::cell::Cell::new(Instant::now()),
             start: Instant::now(),
             bytes,

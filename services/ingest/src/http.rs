@@ -35,7 +35,7 @@ pub struct App {
     pub limits: BodyLimits,
     /// How long a client may take to send a body.
     pub body_timeout: Duration,
-    pub dlq_topic: String,
+    pub dlq: String,
     pub requests: Arc<Semaphore>,
 }
 
@@ -386,7 +386,7 @@ fn dlq_out<'a>(
     let mut headers = r.dlq_headers(stream, format!("http {position}"));
     headers.push((headers::TENANT, key.tenant.clone().into_bytes()));
     Out {
-        topic: &app.dlq_topic,
+        topic: &app.dlq,
         key: keys::content_key(&stream.name, payload).into_bytes(),
         payload,
         headers,

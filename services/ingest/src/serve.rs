@@ -45,19 +45,19 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     let registry = Registry::load(&args.streams.streams, &args.streams.schemas)?;
     let keys = load_keys(args)?;
     let clients = Clients::new(args.kafka.clone());
-    check_topics(&clients, &registry, &args.streams.dlq_topic).await?;
+    check_topics(&clients, &registry, &args.streams.dlq).await?;
     let budget = args.inflight_records.max(args.max_records);
     let app = Arc::new(App {
         registry,
         keys,
-        sink: Sink::new(clients, budget, args.ack_timeout())?,
+        sink: Sink::new(clients, budget, args.ack_timeout)?,
         limits: BodyLimits {
             max_body_bytes: args.max_body_bytes,
             max_records: args.max_records,
             record: args.streams.limits(),
         },
-        body_timeout: args.body_timeout(),
-        dlq_topic: args.streams.dlq_topic.clone(),
+        body_timeout: args.body_timeout,
+        dlq: args.streams.dlq.clone(),
         requests: Arc::new(Semaphore::new(args.max_requests.max(1))),
     });
     let health = Health::new();
@@ -90,7 +90,7 @@ async fn serve(args: &ServeArgs) -> Result<()> {
     tracing::info!("shutdown requested: draining in-flight requests");
     health.set_joined(false);
     let _ = stop_tx.send(true);
-    let drain = Duration::from_millis(args.drain_timeout_ms);
+    let drain = args.drain_timeout;
     if tokio::time::timeout(drain, server).await.is_err() {
         tracing::warn!(?drain, "requests still running after the drain timeout");
     }

@@ -22,6 +22,7 @@ use axum::{Json, Router};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use sieve_core::config::{KafkaArgs, LogFormat};
+use sieve_core::signal::{self, Signal};
 use sieve_core::telemetry::{self, Health};
 use sieve_core::topics;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -147,11 +148,12 @@ impl AllArgs {
             a.extend(["-X".into(), format!("{}={}", p.key, p.value)]);
         }
         a.extend([
-            "--connect-timeout-ms".into(),
-            self.kafka.connect_timeout_ms.to_string(),
-            "--log-format".into(),
-            format!("{:?}", self.log_format).to_lowercase(),
+            "--connect-timeout".into(),
+            humantime::format_duration(self.kafka.connect_timeout).to_string(),
         ]);
+        if let Some(format) = self.log_format.to_possible_value() {
+            a.extend(["--log-format".into(), format.get_name().to_string()]);
+        }
         if svc == Svc::Ingest {
             a.extend(["--listen".into(), self.ingest_listen.to_string()]);
         } else {
@@ -192,7 +194,7 @@ pub fn run(args: AllArgs) -> anyhow::Result<ExitCode> {
         bail!("--services names no service");
     }
     if let Some(file) = &args.topics {
-        let code = crate::ctl::topics_apply(args.kafka.clone(), file, "", topics::Mode::Create)?;
+        let code = crate::ctl::topics::apply(args.kafka.clone(), file, "", topics::Mode::Create)?;
         if code != ExitCode::SUCCESS {
             tracing::warn!(file = %file.display(), "topics drift from the file; starting anyway");
         }
@@ -407,12 +409,11 @@ fn mark(line: &str, service: &str, json: bool) -> String {
 }
 
 /// SIGTERM, then SIGKILL after `timeout`.
-#[allow(unsafe_code)]
 async fn terminate(child: &mut Child, svc: Svc, timeout: Duration) {
+    // Our own child, not reaped yet (wait has not returned): the pid is still its.
     if let Some(pid) = child.id() {
-        // SAFETY: kill(2) on our own child's pid; it has not been reaped (wait not returned).
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        if let Err(e) = signal::send(pid, Signal::Term) {
+            tracing::warn!(service = svc.name(), error = %e, "SIGTERM failed");
         }
     }
     match tokio::time::timeout(timeout, child.wait()).await {
@@ -503,6 +504,20 @@ mod tests {
         let ingest = a.child_args(Svc::Ingest).join(" ");
         assert!(ingest.contains("--listen 127.0.0.1:8080"), "{ingest}");
         assert!(!ingest.contains("--group"), "{ingest}");
+    }
+
+    /// What the supervisor passes its children is what the children accept.
+    #[test]
+    fn child_command_lines_parse() {
+        let a = parse(&["--connect-timeout", "1500ms", "--log-format", "json"]);
+        for svc in Svc::ALL {
+            let argv = std::iter::once("sieve".to_string()).chain(a.child_args(svc));
+            let cli = crate::cli::Cli::try_parse_from(argv)
+                .unwrap_or_else(|e| panic!("{}: {e}", svc.name()));
+            assert_eq!(cli.log_format(), LogFormat::Json, "{}", svc.name());
+        }
+        let joined = a.child_args(Svc::Dedup).join(" ");
+        assert!(joined.contains("--connect-timeout 1s 500ms"), "{joined}");
     }
 
     #[test]

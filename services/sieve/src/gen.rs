@@ -1,6 +1,8 @@
 //! Deterministic data generators (`sieve ctl gen`): the same seed gives the same records on
 //! every machine, so demos, tests and benchmarks can state exact expected answers.
 
+use std::io::Write;
+
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 
@@ -274,6 +276,30 @@ pub fn notifications<'a>(
         }
         (id, r.to_string().into_bytes())
     })
+}
+
+/// NDJSON, or a JSON array with one record per line.
+pub fn write_json_records(
+    w: &mut dyn Write,
+    records: impl Iterator<Item = Vec<u8>>,
+    array: bool,
+) -> std::io::Result<()> {
+    if array {
+        w.write_all(b"[\n")?;
+    }
+    for (i, r) in records.enumerate() {
+        if array && i > 0 {
+            w.write_all(b",\n")?;
+        }
+        w.write_all(&r)?;
+        if !array {
+            w.write_all(b"\n")?;
+        }
+    }
+    if array {
+        w.write_all(b"\n]\n")?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

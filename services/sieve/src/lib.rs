@@ -1,7 +1,7 @@
-//! Parts of the `sieve` binary that tests and benchmarks reuse.
+//! The `sieve` binary's command line and the parts of it that tests and benchmarks reuse.
 
 pub mod all;
+pub mod cli;
 pub mod ctl;
-pub mod dlq;
 pub mod gen;
-pub mod replay;
+pub mod service;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use sieve::ctl::write_json_records;
+use sieve::gen::write_json_records;
 use sieve::gen::UsersSpec;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sieve");

@@ -54,7 +54,7 @@ impl Setup {
             .arg(schemas())
             .arg("--streams")
             .arg(&self.streams)
-            .arg("--dlq-topic")
+            .arg("--dlq")
             .arg(&self.dlq)
             .arg("--checkpoint-dir")
             .arg(self.dir.path().join("checkpoints"))

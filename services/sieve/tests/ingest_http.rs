@@ -589,7 +589,7 @@ fn broker_unavailable_gets_503_and_nothing_acknowledged_is_lost() -> Result<()> 
         &broker.addr(),
         &t.dlq,
         &t.streams(),
-        &["--ack-timeout-ms", "2000"],
+        &["--ack-timeout", "2s"],
         dir.path(),
     )?;
     let mut acked = BTreeSet::new();
@@ -657,7 +657,7 @@ fn broker_unavailable_gets_503_and_nothing_acknowledged_is_lost() -> Result<()> 
         &dead,
         &t.dlq,
         &t.streams(),
-        &["--ack-timeout-ms", "1000", "--connect-timeout-ms", "500"],
+        &["--ack-timeout", "1s", "--connect-timeout", "500ms"],
         dir.path(),
     )?;
     let r = orphan.send("events", "application/json", None, &event("nowhere"));

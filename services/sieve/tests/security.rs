@@ -135,10 +135,7 @@ fn api_keys_never_reach_logs_or_dlq_headers() -> Result<()> {
 fn slow_clients_time_out_and_others_are_served() -> Result<()> {
     let s = Setup::new()?;
     let dir = tempfile::tempdir()?;
-    let ingest = s.ingest(
-        &["--body-timeout-ms", "2000", "--max-requests", "2"],
-        dir.path(),
-    )?;
+    let ingest = s.ingest(&["--body-timeout", "2s", "--max-requests", "2"], dir.path())?;
     let addr = format!("127.0.0.1:{}", ingest.port);
     // Headers that never end.
     let mut silent = TcpStream::connect(&addr)?;

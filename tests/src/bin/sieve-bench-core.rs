@@ -214,9 +214,9 @@ fn service_args(guarantee: Guarantee, dir: &std::path::Path) -> Result<ServiceAr
         log_format: LogFormat::Text,
         guarantee,
         batch_records: 5_000,
-        batch_linger_ms: 50,
+        batch_linger: Duration::from_millis(50),
         state_memory_mb: 64,
-        group_stall_s: 60,
+        group_stall: Duration::from_secs(60),
     })
 }
 

@@ -340,9 +340,9 @@ fn ingest_args(
         streams.display().to_string(),
         "--api-keys".into(),
         keys.display().to_string(),
-        "--dlq-topic".into(),
+        "--dlq".into(),
         t.ingest_dlq.clone(),
-        "--ack-timeout-ms".into(),
-        "3000".into(),
+        "--ack-timeout".into(),
+        "3s".into(),
     ])
 }

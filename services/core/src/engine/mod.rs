@@ -160,7 +160,7 @@ pub fn run<F: OperatorFactory>(
     }));
     // Broadcast side tables are loaded to their end before any input is judged.
     lock(&engine).follow_side(&[])?;
-    let watch = Arc::new(GroupWatch::new(Duration::from_secs(args.group_stall_s)));
+    let watch = Arc::new(GroupWatch::new(args.group_stall));
     let subscribe = || -> Result<BaseConsumer<RunnerContext<F>>> {
         let consumer = clients.consumer(
             &args.group,
@@ -181,7 +181,7 @@ pub fn run<F: OperatorFactory>(
     metrics::gauge!(names::ASSIGNED_PARTITIONS).set(0.0);
     tracing::info!(group = args.group, inputs = ?inputs, guarantee = ?args.guarantee, "processing");
 
-    let linger = Duration::from_millis(args.batch_linger_ms);
+    let linger = args.batch_linger;
     let mut batch: Vec<OwnedMessage> = Vec::with_capacity(args.batch_records);
     let mut last_gauges = Instant::now();
     let result = loop {
@@ -191,7 +191,7 @@ pub fn run<F: OperatorFactory>(
         if watch.stalled(Instant::now()) && lock(&engine).partitions.is_empty() {
             tracing::warn!(
                 group = args.group,
-                stall_s = args.group_stall_s,
+                stall_s = args.group_stall.as_secs(),
                 "never settled back into the consumer group: replacing the consumer"
             );
             metrics::counter!(names::ERRORS, "kind" => "group_stalled").increment(1);

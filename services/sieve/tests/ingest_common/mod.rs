@@ -78,7 +78,7 @@ impl Ingest {
             streams_file.display().to_string(),
             "--api-keys".into(),
             keys_file.display().to_string(),
-            "--dlq-topic".into(),
+            "--dlq".into(),
             dlq.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));

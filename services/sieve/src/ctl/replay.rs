@@ -6,13 +6,14 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use clap::ArgGroup;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use sieve_core::config::KafkaArgs;
 use sieve_core::kafka::Clients;
 use sieve_core::replay;
 
-use crate::ctl::watermarks;
+use super::watermarks;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,16 +59,76 @@ pub fn new_offset(
     wanted.clamp(low, high)
 }
 
-pub struct Args<'a> {
-    pub group: &'a str,
-    pub topic: &'a str,
-    /// Only these partitions (all when empty).
-    pub partitions: &'a [i32],
-    pub target: Target,
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["to_earliest", "to_latest", "to_datetime", "to_offset", "shift_by"])))]
+#[command(group(ArgGroup::new("mode").required(true).args(["dry_run", "execute"])))]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[arg(long)]
+    pub group: String,
+    #[arg(long)]
+    pub topic: String,
+    /// Only these partitions (comma separated); all by default.
+    #[arg(long, value_delimiter = ',')]
+    pub partitions: Vec<i32>,
+    #[arg(long)]
+    pub to_earliest: bool,
+    #[arg(long)]
+    pub to_latest: bool,
+    /// The first record at or after this instant (RFC 3339, e.g. 2026-11-20T10:00:00Z).
+    #[arg(long, value_parser = parse_datetime)]
+    pub to_datetime: Option<i64>,
+    #[arg(long)]
+    pub to_offset: Option<i64>,
+    /// Move the committed offset by N (negative: back).
+    #[arg(long, allow_hyphen_values = true)]
+    pub shift_by: Option<i64>,
+    /// Print the plan, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Commit the new offsets.
+    #[arg(long)]
     pub execute: bool,
 }
 
-pub fn run(kafka: KafkaArgs, args: &Args<'_>) -> anyhow::Result<ExitCode> {
+impl ReplayArgs {
+    /// The one target the argument group allows.
+    pub fn target(&self) -> Target {
+        match (self.to_datetime, self.to_offset, self.shift_by) {
+            (Some(t), _, _) => Target::Datetime(t),
+            (_, Some(o), _) => Target::Offset(o),
+            (_, _, Some(n)) => Target::ShiftBy(n),
+            _ if self.to_latest => Target::Latest,
+            _ => Target::Earliest,
+        }
+    }
+}
+
+pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let target = args.target();
+    rewind(
+        args.kafka,
+        &Rewind {
+            group: &args.group,
+            topic: &args.topic,
+            partitions: &args.partitions,
+            target,
+            execute: args.execute,
+        },
+    )
+}
+
+struct Rewind<'a> {
+    group: &'a str,
+    topic: &'a str,
+    /// Only these partitions (all when empty).
+    partitions: &'a [i32],
+    target: Target,
+    execute: bool,
+}
+
+fn rewind(kafka: KafkaArgs, args: &Rewind<'_>) -> anyhow::Result<ExitCode> {
     let clients = Clients::new(kafka);
     clients.check_reachable()?;
     let reader = clients.reader()?;

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use clap::Subcommand;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
@@ -25,7 +26,8 @@ use sieve_core::kafka::Clients;
 use sieve_core::record::{header, ID_HEADER};
 use sieve_core::CoreError;
 
-use crate::ctl::{settle, watermarks};
+use super::replay::parse_datetime;
+use super::{settle, watermarks};
 
 /// Marker header of a redriven record.
 pub const REDRIVEN_FROM: &str = "sieve-redriven-from";
@@ -33,6 +35,67 @@ const DLQ_HEADER_PREFIX: &str = "sieve-dlq-";
 const IDLE: Duration = Duration::from_secs(30);
 const PREVIEW_BYTES: usize = 120;
 const LIMIT_REACHED: &str = "limit reached";
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// Reasons with counts and first and last times.
+    List(DlqArgs),
+    /// Records: offset, reason, detail, source, payload preview.
+    Show(DlqArgs),
+    /// Re-publish original bytes and headers to the source topic (or --to-topic), each DLQ
+    /// record at most once.
+    Redrive {
+        #[command(flatten)]
+        args: DlqArgs,
+        /// Destination instead of each record's source topic.
+        #[arg(long)]
+        to_topic: Option<String>,
+    },
+}
+
+/// Which DLQ topic, and which of its records.
+#[derive(Debug, clap::Args)]
+pub struct DlqArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// The DLQ topic, e.g. dlq.dedup.
+    #[arg(long)]
+    pub topic: String,
+    /// Only records with this reason (the sieve-dlq-reason header).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only records dead-lettered at or after this instant (RFC 3339).
+    #[arg(long, value_parser = parse_datetime)]
+    pub since: Option<i64>,
+    /// Only records dead-lettered before this instant (RFC 3339).
+    #[arg(long, value_parser = parse_datetime)]
+    pub to: Option<i64>,
+    /// At most this many records.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl DlqArgs {
+    fn filter(&self) -> Filter {
+        Filter {
+            reason: self.reason.clone(),
+            since: self.since,
+            to: self.to,
+            limit: self.limit,
+        }
+    }
+}
+
+pub fn run(cmd: DlqCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DlqCmd::List(a) => list(a.kafka.clone(), &a.topic, &a.filter()),
+        DlqCmd::Show(a) => show(a.kafka.clone(), &a.topic, &a.filter()),
+        DlqCmd::Redrive { args, to_topic } => {
+            let filter = args.filter();
+            redrive(args.kafka, &args.topic, &filter, to_topic.as_deref())
+        }
+    }
+}
 
 /// Which DLQ records a command looks at.
 #[derive(Debug, Clone, Default)]
@@ -157,7 +220,7 @@ fn when(m: &OwnedMessage) -> String {
 }
 
 /// Reasons with counts and the first and last time each was seen.
-pub fn list(kafka: KafkaArgs, topic: &str, filter: &Filter) -> anyhow::Result<ExitCode> {
+fn list(kafka: KafkaArgs, topic: &str, filter: &Filter) -> anyhow::Result<ExitCode> {
     let clients = Clients::new(kafka);
     clients.check_reachable()?;
     let reader = clients.reader()?;
@@ -184,7 +247,7 @@ pub fn list(kafka: KafkaArgs, topic: &str, filter: &Filter) -> anyhow::Result<Ex
 }
 
 /// One line per record: where, why, from where, and a payload preview.
-pub fn show(kafka: KafkaArgs, topic: &str, filter: &Filter) -> anyhow::Result<ExitCode> {
+fn show(kafka: KafkaArgs, topic: &str, filter: &Filter) -> anyhow::Result<ExitCode> {
     let clients = Clients::new(kafka);
     clients.check_reachable()?;
     let reader = clients.reader()?;
@@ -213,7 +276,7 @@ pub fn show(kafka: KafkaArgs, topic: &str, filter: &Filter) -> anyhow::Result<Ex
 
 /// Re-publishes matching records not redriven before; `to_topic` overrides each record's
 /// source topic.
-pub fn redrive(
+fn redrive(
     kafka: KafkaArgs,
     topic: &str,
     filter: &Filter,
