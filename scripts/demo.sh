@@ -148,7 +148,7 @@ P0_PRODUCER=$!
 exec 3>"$WORK/p0.fifo"
 code warm >&3
 until [ "$(sent 0)" -ge 1 ]; do sleep 0.2; done
-p0_before=$(buckets "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"')
+p0_before=$(buckets "$M_DELIVER" sieve_notify_end_to_end_duration_seconds 'priority="0"')
 started=$(date +%s%N)
 echo "{\"notification_id\":\"post-1\",\"priority\":2,\"category\":\"social\",\"template\":\"new_post\",\"channels\":[\"inapp\"],\"created_at\":\"$(now)\",\"author_id\":\"celebrity\",\"audience\":{\"followers_of\":\"celebrity\"}}" |
   produce notify.requests.p2 /notification_id
@@ -163,7 +163,7 @@ wait "$P0_PRODUCER"
 P0_PRODUCER=""
 until [ "$(sent 0)" -ge 11 ]; do sleep 0.2; done
 fanout_at_p0=$(sent 2)
-p0_after=$(buckets "$M_DELIVER" sieve_notify_latency_seconds 'priority="0"')
+p0_after=$(buckets "$M_DELIVER" sieve_notify_end_to_end_duration_seconds 'priority="0"')
 p0_p50=$(quantile_ms 0.5 "$p0_after" "$p0_before")
 p0_p99=$(quantile_ms 0.99 "$p0_after" "$p0_before")
 until [ "$(sent 2)" -ge "$FOLLOWERS" ]; do sleep 0.5; done

@@ -5,7 +5,7 @@
 use growable_bloom_filter::{GrowableBloom, GrowableBloomBuilder};
 
 use crate::error::{CoreError, Result};
-use crate::telemetry::names;
+use crate::metrics;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct KeyBloom {
@@ -71,8 +71,7 @@ impl KeyBloom {
 
     /// Publishes the observed FP rate under `name` (for example the operator's name).
     pub fn publish(&self, name: &str) {
-        metrics::gauge!(names::BLOOM_FP_RATE, "filter" => name.to_string())
-            .set(self.observed_fp_rate());
+        metrics::bloom_false_positive_ratio(name, self.observed_fp_rate());
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>> {

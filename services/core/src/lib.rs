@@ -11,6 +11,7 @@ pub mod error;
 pub mod failpoint;
 pub mod group_watch;
 pub mod kafka;
+pub mod metrics;
 pub mod operator;
 pub mod paths;
 pub mod priority;

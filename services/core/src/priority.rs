@@ -17,7 +17,7 @@ use rdkafka::bindings;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::TopicPartitionList;
 
-use crate::telemetry::names;
+use crate::metrics;
 use crate::topic_partition::TopicPartition;
 
 pub struct Scheduler {
@@ -67,7 +67,7 @@ impl Scheduler {
             _ => BTreeSet::new(),
         };
         if starving {
-            metrics::counter!(names::STARVATION_GUARD).increment(1);
+            metrics::starvation_guard();
         }
         let pause: Vec<&TopicPartition> = want.difference(&self.paused).collect();
         let resume: Vec<&TopicPartition> = self
@@ -91,7 +91,7 @@ impl Scheduler {
             (false, _) => Some(Instant::now()),
         };
         self.paused = want;
-        metrics::gauge!(names::PAUSED_PARTITIONS).set(self.paused.len() as f64);
+        metrics::paused_partitions(self.paused.len());
     }
 }
 

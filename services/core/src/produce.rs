@@ -9,8 +9,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::error::{CoreError, Result};
+use crate::metrics::{self, ErrorKind};
 use crate::record::{Output, OutputId, ID_HEADER};
-use crate::telemetry::names;
 
 fn headers_with_id(out: &Output, id: Option<&str>) -> OwnedHeaders {
     let mut h = OwnedHeaders::new_with_capacity(out.headers.len() + 1);
@@ -78,7 +78,7 @@ pub(crate) fn delivered(r: DeliveryOutcome) -> Result<(i32, i64)> {
     match r {
         Ok(Ok(d)) => Ok((d.partition, d.offset)),
         Ok(Err((e, m))) => {
-            metrics::counter!(names::ERRORS, "kind" => "produce").increment(1);
+            metrics::error(ErrorKind::Produce);
             Err(CoreError::kafka(format!("deliver to {}", m.topic()), e))
         }
         Err(_) => Err(CoreError::kafka("deliver", KafkaError::Canceled)),

@@ -31,9 +31,9 @@ use crate::changelog;
 use crate::commit::{commit_logged, send_changelog_group, settle_changelog};
 use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
+use crate::metrics;
 use crate::operator::{self, Ctx, Operator, OperatorFactory};
 use crate::store::{bucket_of, Changes, PartitionMeta, PartitionStore};
-use crate::telemetry::names;
 use crate::topic_partition::TopicPartition;
 
 /// Prefix of the commit metadata that marks a requested replay.
@@ -146,7 +146,7 @@ impl Replay {
                 start,
                 &mut pending,
             )?;
-            metrics::counter!(names::REPLAY_WARMUP_RECORDS).increment(warmed);
+            metrics::replay_warmup_records(warmed);
             tracing::info!(
                 topic = io.tp.topic,
                 partition = io.tp.partition,
@@ -174,7 +174,7 @@ impl Replay {
             fresh.changelog_pos = pos;
         }
         store.commit(&Changes::default(), &fresh)?;
-        metrics::counter!(names::REPLAYS).increment(1);
+        metrics::replay();
         *meta = fresh;
         Ok((store, Some(op)))
     }

@@ -25,8 +25,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::changelog;
 use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
+use crate::metrics::{self, ErrorKind};
 use crate::store::{Changes, PartitionMeta, PartitionStore, DEFAULT_CF};
-use crate::telemetry::names;
 use crate::topic_partition::TopicPartition;
 
 /// Which side partitions an instance reads.
@@ -146,7 +146,7 @@ impl SideReader {
                 Some(Ok(m)) => out.push(m.detach()),
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => {
-                    metrics::counter!(names::ERRORS, "kind" => "side_consume").increment(1);
+                    metrics::error(ErrorKind::SideConsume);
                     tracing::warn!(error = %e, "side table consume error");
                     break;
                 }
@@ -167,7 +167,7 @@ fn catch_up(reader: &BaseConsumer, table: &mut dyn SideTable, tp: &TopicPartitio
     let mut applied = 0u64;
     replay(reader, tp, from, high, |chunk| {
         applied += chunk.len() as u64;
-        metrics::counter!(names::SIDE_CATCH_UP_RECORDS).increment(chunk.len() as u64);
+        metrics::side_catch_up_records(chunk.len());
         table.apply(chunk)
     })?;
     tracing::info!(

@@ -1,7 +1,6 @@
 //! Logs, metrics and the health server every long-running process exposes.
 //!
-//! All metric names live in [`names`], described once in [`describe`], so dashboards and
-//! alerts have one list to follow.
+//! The metrics themselves are named, described and recorded in [`crate::metrics`].
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -26,117 +25,6 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::LogFormat;
 use crate::error::{CoreError, Result};
 
-/// Every metric sieve's runtime emits.
-pub mod names {
-    pub const RECORDS_IN: &str = "sieve_records_in_total";
-    pub const RECORDS_OUT: &str = "sieve_records_out_total";
-    pub const RECORDS_SKIPPED: &str = "sieve_records_skipped_total";
-    pub const BATCH_SECONDS: &str = "sieve_batch_seconds";
-    pub const CONSUMER_LAG: &str = "sieve_consumer_lag";
-    pub const PREFETCH_BYTES: &str = "sieve_consumer_prefetch_bytes";
-    pub const PAUSED_PARTITIONS: &str = "sieve_paused_partitions";
-    pub const ASSIGNED_PARTITIONS: &str = "sieve_assigned_partitions";
-    pub const STATE_BYTES: &str = "sieve_state_bytes";
-    pub const RESTORE_RECORDS: &str = "sieve_restore_records_total";
-    pub const RESTORE_IN_PROGRESS: &str = "sieve_restore_in_progress";
-    pub const RECOVERY_SCANNED: &str = "sieve_recovery_scanned_total";
-    pub const ERRORS: &str = "sieve_errors_total";
-    pub const READY: &str = "sieve_ready";
-    pub const BLOOM_FP_RATE: &str = "sieve_bloom_false_positive_rate";
-    pub const SIDE_CATCH_UP_RECORDS: &str = "sieve_side_catch_up_records_total";
-    pub const SIDE_RECORDS: &str = "sieve_side_records_total";
-    pub const SIDE_REPLAYED: &str = "sieve_side_replayed_total";
-    pub const STARVATION_GUARD: &str = "sieve_starvation_guard_total";
-    pub const REPLAYS: &str = "sieve_replays_total";
-    pub const REPLAY_WARMUP_RECORDS: &str = "sieve_replay_warmup_records_total";
-}
-
-fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    use names::*;
-    describe_counter!(
-        REPLAYS,
-        "Partition replays requested with `sieve ctl replay` and honoured (state wiped and rebuilt)."
-    );
-    describe_counter!(
-        REPLAY_WARMUP_RECORDS,
-        "Input records re-read before a replay offset to rebuild state, outputs discarded."
-    );
-    describe_counter!(RECORDS_IN, "Input records taken into processing, by topic.");
-    describe_counter!(
-        RECORDS_OUT,
-        "Output records acknowledged by the broker, by topic."
-    );
-    describe_counter!(
-        RECORDS_SKIPPED,
-        "Records not processed or not produced again: already_processed (input before the stored offset), already_written (output found in the recovery scan)."
-    );
-    describe_histogram!(
-        BATCH_SECONDS,
-        Unit::Seconds,
-        "Time from the start of a batch's processing to its commit."
-    );
-    describe_gauge!(
-        CONSUMER_LAG,
-        "Records between the consumer position and the end of the partition."
-    );
-    describe_gauge!(
-        PREFETCH_BYTES,
-        Unit::Bytes,
-        "Fetched input waiting in librdkafka's queues; fetching pauses at queued.max.messages.kbytes, which bounds it."
-    );
-    describe_gauge!(
-        PAUSED_PARTITIONS,
-        "Input partitions paused by priority scheduling (0 for services without priorities)."
-    );
-    describe_gauge!(
-        ASSIGNED_PARTITIONS,
-        "Input partitions assigned to this process."
-    );
-    describe_gauge!(
-        STATE_BYTES,
-        Unit::Bytes,
-        "Estimated live bytes of local state, by partition."
-    );
-    describe_counter!(
-        RESTORE_RECORDS,
-        "Changelog records read while restoring state."
-    );
-    describe_gauge!(
-        RESTORE_IN_PROGRESS,
-        "Partitions whose state is being restored (not ready while > 0)."
-    );
-    describe_counter!(
-        RECOVERY_SCANNED,
-        "Output records read by recovery scans after an unclean stop."
-    );
-    describe_counter!(ERRORS, "Errors by kind.");
-    describe_gauge!(
-        READY,
-        "1 when every assigned partition is restored and processing."
-    );
-    describe_gauge!(
-        BLOOM_FP_RATE,
-        "Observed Bloom filter false-positive rate (maybe answers that the store refuted)."
-    );
-    describe_counter!(
-        SIDE_CATCH_UP_RECORDS,
-        "Side-table records applied while catching up to the side topics' end (not ready meanwhile)."
-    );
-    describe_counter!(
-        SIDE_RECORDS,
-        "Side-table records applied while following the side topics."
-    );
-    describe_counter!(
-        STARVATION_GUARD,
-        "Times lower priorities were let through for one batch after being paused longer than the starvation guard."
-    );
-    describe_counter!(
-        SIDE_REPLAYED,
-        "Side records shown again to a partition that opened behind its side table."
-    );
-}
-
 /// Installs the Prometheus recorder once per process and returns its handle.
 pub fn metrics() -> Result<PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
@@ -154,7 +42,7 @@ pub fn metrics() -> Result<PrometheusHandle> {
         .map_err(|e| CoreError::Config(format!("metrics buckets: {e}")))?
         .install_recorder()
         .map_err(|e| CoreError::Config(format!("metrics recorder: {e}")))?;
-    describe();
+    crate::metrics::describe();
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -216,9 +104,7 @@ impl Health {
     }
 
     fn publish(&self) {
-        metrics::gauge!(names::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
-        metrics::gauge!(names::RESTORE_IN_PROGRESS)
-            .set(self.restoring.load(Ordering::SeqCst) as f64);
+        crate::metrics::readiness(self.is_ready(), self.restoring.load(Ordering::SeqCst));
     }
 }
 

@@ -1,4 +1,10 @@
-//! Dedup's metrics, named and described in one place.
+//! Dedup's metrics: named, described and recorded here and nowhere else.
+
+// The one module of this crate allowed to call the `metrics` macros (clippy.toml bans them
+// elsewhere).
+#![allow(clippy::disallowed_macros)]
+
+use ::metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
 
 pub const DUPLICATES: &str = "sieve_dedup_duplicates_total";
 pub const UNIQUE: &str = "sieve_dedup_unique_total";
@@ -13,7 +19,6 @@ pub const BUCKET_DROPS: &str = "sieve_dedup_bucket_drops_total";
 pub const BLOOM_REBUILDS: &str = "sieve_dedup_bloom_rebuilds_total";
 
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge, Unit};
     describe_counter!(
         DUPLICATES,
         "Records dropped as exact retries (same key, same payload) inside the TTL."
@@ -47,4 +52,48 @@ pub fn describe() {
         BLOOM_REBUILDS,
         "Bloom filters rebuilt from RocksDB at open (after a crash or a restore)."
     );
+}
+
+pub fn duplicate() {
+    counter!(DUPLICATES).increment(1);
+}
+
+pub fn unique() {
+    counter!(UNIQUE).increment(1);
+}
+
+pub fn dead_letter(reason: &'static str) {
+    counter!(DEAD_LETTERS, "reason" => reason).increment(1);
+}
+
+pub fn bloom_negative() {
+    counter!(BLOOM_NEGATIVES).increment(1);
+}
+
+pub fn bloom_maybe() {
+    counter!(BLOOM_MAYBES).increment(1);
+}
+
+pub fn bloom_false_positive() {
+    counter!(BLOOM_FALSE_POSITIVES).increment(1);
+}
+
+pub fn bloom_rebuild() {
+    counter!(BLOOM_REBUILDS).increment(1);
+}
+
+pub fn bucket_drop() {
+    counter!(BUCKET_DROPS).increment(1);
+}
+
+pub fn keys(partition: &str, keys: u64) {
+    gauge!(KEYS, "partition" => partition.to_string()).set(keys as f64);
+}
+
+pub fn key_bytes(partition: &str, bytes: u64) {
+    gauge!(BYTES, "partition" => partition.to_string()).set(bytes as f64);
+}
+
+pub fn buckets(partition: &str, buckets: usize) {
+    gauge!(BUCKETS, "partition" => partition.to_string()).set(buckets as f64);
 }

@@ -118,7 +118,7 @@ impl Dedup {
                 Ok(())
             })?;
             if rebuild {
-                metrics::counter!(m::BLOOM_REBUILDS).increment(1);
+                m::bloom_rebuild();
             }
             buckets.insert(id, Bucket { bloom, keys, bytes });
         }
@@ -154,7 +154,7 @@ impl Dedup {
         for b in expired {
             ctx.drop_bucket(&bucket_name(b));
             self.buckets.remove(&b);
-            metrics::counter!(m::BUCKET_DROPS).increment(1);
+            m::bucket_drop();
         }
     }
 
@@ -166,16 +166,16 @@ impl Dedup {
                 continue;
             }
             asked_store = true;
-            metrics::counter!(m::BLOOM_MAYBES).increment(1);
+            m::bloom_maybe();
             let stored = ctx.get(&bucket_cf(&bucket_name(*b)), key)?;
             bucket.bloom.record_store_answer(stored.is_some());
             match stored.as_deref().and_then(i64_of) {
                 Some(h) => return Ok(Some(h as u64)),
-                None => metrics::counter!(m::BLOOM_FALSE_POSITIVES).increment(1),
+                None => m::bloom_false_positive(),
             }
         }
         if !asked_store {
-            metrics::counter!(m::BLOOM_NEGATIVES).increment(1);
+            m::bloom_negative();
         }
         Ok(None)
     }
@@ -195,7 +195,7 @@ impl Dedup {
     }
 
     fn reject(&self, rec: &OwnedMessage, reason: &'static str, detail: &str) -> Output {
-        metrics::counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
+        m::dead_letter(reason);
         dead_letter(rec, &self.cfg.dlq, STAGE, reason, detail)
     }
 }
@@ -219,7 +219,7 @@ impl Operator for Dedup {
         let hash = xxh3_64(rec.payload().unwrap_or_default());
         match self.lookup(ctx, &key)? {
             Some(first) if first == hash => {
-                metrics::counter!(m::DUPLICATES).increment(1);
+                m::duplicate();
             }
             Some(first) => {
                 let detail = format!("same idempotency key, different payload: first hash {first:016x}, this hash {hash:016x}");
@@ -231,7 +231,7 @@ impl Operator for Dedup {
             }
             None => {
                 self.remember(ctx, &key, hash);
-                metrics::counter!(m::UNIQUE).increment(1);
+                m::unique();
                 ctx.emit(Output::copy_of(&self.cfg.output, rec));
             }
         }
@@ -252,9 +252,9 @@ impl Operator for Dedup {
         let p = self.partition.clone();
         let keys: u64 = self.buckets.values().map(|b| b.keys).sum();
         let bytes: u64 = self.buckets.values().map(|b| b.bytes).sum();
-        metrics::gauge!(m::KEYS, "partition" => p.clone()).set(keys as f64);
-        metrics::gauge!(m::BYTES, "partition" => p.clone()).set(bytes as f64);
-        metrics::gauge!(m::BUCKETS, "partition" => p).set(self.buckets.len() as f64);
+        m::keys(&p, keys);
+        m::key_bytes(&p, bytes);
+        m::buckets(&p, self.buckets.len());
         Ok(())
     }
 }

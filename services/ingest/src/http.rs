@@ -296,7 +296,7 @@ async fn produce(
             "the producer's in-flight budget is spent; retry later",
         )
     })?;
-    metrics::inflight(app.sink.in_use());
+    metrics::records_in_flight(app.sink.in_use());
     let outs: Vec<Out<'_>> = c
         .items
         .iter()
@@ -310,7 +310,7 @@ async fn produce(
         })
         .collect();
     let acks = app.sink.send_all(&outs).await;
-    metrics::inflight(app.sink.in_use());
+    metrics::records_in_flight(app.sink.in_use());
     let acks = acks.map_err(|e| match e {
         SendError::Overloaded => Problem::new(Reason::Overloaded, "in-flight budget spent"),
         SendError::Unavailable(why) => Problem::new(

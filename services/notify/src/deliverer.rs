@@ -298,7 +298,7 @@ impl Deliverer {
                 .payload(to_json(&delivery)?),
         );
         let latency = (Utc::now() - n.created_at).num_milliseconds().max(0) as f64 / 1000.0;
-        metrics::histogram!(m::LATENCY, "priority" => n.priority.to_string()).record(latency);
+        m::end_to_end_duration(n.priority, latency);
         outcome(counts, n, "sent", "")
     }
 
@@ -376,8 +376,7 @@ fn outcome(counts: &mut Counts, n: &Notification, status: &str, reason: &str) ->
     if !reason.is_empty() {
         counts.add(&format!("{status}:{reason}"), 1);
     }
-    metrics::counter!(m::OUTCOMES, "priority" => n.priority.to_string(), "status" => status.to_string(), "reason" => reason.to_string())
-        .increment(1);
+    m::outcome(n.priority, status, reason);
     Ok(())
 }
 
@@ -398,7 +397,7 @@ impl Operator for Deliverer {
             Some(Ok(TaskRecord::Tick { .. })) => return Ok(()),
             Some(Ok(TaskRecord::Task(t))) => t,
             Some(Err(e)) => {
-                metrics::counter!(m::DEAD_LETTERS, "reason" => "bad_task").increment(1);
+                m::dead_letter("bad_task");
                 ctx.emit(dead_letter(
                     rec,
                     &self.cfg.dlq,
@@ -409,7 +408,7 @@ impl Operator for Deliverer {
                 return Ok(());
             }
             None => {
-                metrics::counter!(m::DEAD_LETTERS, "reason" => "no_payload").increment(1);
+                m::dead_letter("no_payload");
                 ctx.emit(dead_letter(
                     rec,
                     &self.cfg.dlq,

@@ -154,7 +154,7 @@ impl Feedback {
         if to == Progress::Failed {
             let reason = r.reason.as_deref().unwrap_or_default();
             counts.add(&format!("failed:{reason}"), 1);
-            metrics::counter!(m::DEAD_LETTERS, "reason" => "gateway_failed").increment(1);
+            m::dead_letter("gateway_failed");
             ctx.emit(dead_letter(
                 rec,
                 &self.cfg.dlq,
@@ -204,7 +204,7 @@ impl Operator for Feedback {
         let r = match parse(rec) {
             Ok(r) => r,
             Err((reason, detail)) => {
-                metrics::counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
+                m::dead_letter(reason);
                 ctx.emit(dead_letter(rec, &self.cfg.dlq, STAGE, reason, &detail));
                 return Ok(());
             }
@@ -220,8 +220,7 @@ impl Operator for Feedback {
         } else {
             "counted"
         };
-        metrics::counter!(m::FEEDBACK, "status" => r.status.name(), "outcome" => outcome)
-            .increment(1);
+        m::feedback(r.status.name(), outcome);
         if counts.is_empty() {
             return Ok(());
         }

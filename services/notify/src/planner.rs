@@ -110,8 +110,8 @@ impl Planner {
             task_index: Some(index),
             counts,
         };
-        metrics::counter!(m::PLANNED, "priority" => n.priority.to_string()).increment(planned);
-        metrics::counter!(m::TASKS, "priority" => n.priority.to_string()).increment(1);
+        m::planned(n.priority, planned);
+        m::task(n.priority);
         let key = format!("{}/{index}", n.notification_id);
         Ok(vec![
             Output {
@@ -183,7 +183,7 @@ impl Planner {
             }
         }
         if cur.shard < self.task_partitions {
-            metrics::counter!(m::CONTINUATIONS).increment(1);
+            m::continuation();
             let next = Request {
                 notification: n.clone(),
                 audience: req.audience.clone(),
@@ -230,7 +230,7 @@ impl Operator for Planner {
         let req = match parse_request(rec) {
             Ok(r) => r,
             Err((reason, detail)) => {
-                metrics::counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
+                m::dead_letter(reason);
                 ctx.emit(dead_letter(
                     rec,
                     &self.cfg.dlq,

@@ -29,8 +29,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-const RESTARTS: &str = "sieve_all_restarts_total";
-const SERVICE_READY: &str = "sieve_all_service_ready";
+use crate::metrics;
+
 /// Log lines kept per service for the message when it fails to start.
 const TAIL_LINES: usize = 20;
 /// A service that ran this long before dying restarts without backoff.
@@ -356,7 +356,7 @@ async fn keep_running(
             backoff = Duration::from_secs(1);
         }
         tracing::warn!(service = svc.name(), %exit, ?backoff, "service died; restarting");
-        metrics::counter!(RESTARTS, "service" => svc.name()).increment(1);
+        metrics::restart(svc.name());
         lock(&board, i).restarts += 1;
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -455,11 +455,7 @@ async fn watch_readiness(board: Board, health: Arc<Health>, stop: watch::Receive
             st.ready = ready && st.pid.is_some();
             st.ever_ready |= st.ready;
             all &= st.ready;
-            metrics::gauge!(SERVICE_READY, "service" => svc.name()).set(if st.ready {
-                1.0
-            } else {
-                0.0
-            });
+            metrics::service_ready(svc.name(), st.ready);
         }
         health.set_joined(all);
         tokio::time::sleep(Duration::from_millis(500)).await;

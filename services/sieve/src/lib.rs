@@ -4,4 +4,5 @@ pub mod all;
 pub mod cli;
 pub mod ctl;
 pub mod gen;
+pub mod metrics;
 pub mod service;

@@ -1,5 +1,6 @@
 //! A real Prometheus (Debian's `prometheus` package; skipped when it is not installed) scrapes
-//! the `/metrics` of every stream service and evaluates sieve's alert rules against them.
+//! the `/metrics` of every stream service, evaluates sieve's alert rules against them and
+//! holds every metric it saw to the Prometheus naming conventions.
 
 mod common;
 
@@ -36,6 +37,33 @@ fn api(port: u16, path: &str) -> Option<Value> {
     let (status, body) = http_get(&format!("http://127.0.0.1:{port}{path}"))?;
     let v: Value = serde_json::from_str(&body).ok()?;
     (status == 200 && v["status"] == "success").then(|| v["data"].clone())
+}
+
+/// Why a metric's name breaks the Prometheus naming conventions sieve follows, if it does.
+fn unconventional(name: &str, kind: &str) -> Option<&'static str> {
+    if !name.starts_with("sieve_") {
+        return Some("no sieve_ prefix");
+    }
+    if name.contains("inflight") {
+        return Some("in-flight is spelled _in_flight");
+    }
+    if [
+        "_rate", "_share", "_percent", "_ms", "_millis", "_kb", "_mb",
+    ]
+    .iter()
+    .any(|s| name.ends_with(s))
+    {
+        return Some("not in base units (seconds, bytes; ratios 0..1 end in _ratio)");
+    }
+    match kind {
+        "counter" if !name.ends_with("_total") => Some("a counter that does not end in _total"),
+        "gauge" if name.ends_with("_total") => Some("a gauge that ends in _total"),
+        "histogram" if !name.ends_with("_duration_seconds") => {
+            Some("a histogram that does not end in _duration_seconds")
+        }
+        "counter" | "gauge" | "histogram" => None,
+        _ => Some("a type sieve does not use"),
+    }
 }
 
 fn alerts_file() -> PathBuf {
@@ -220,6 +248,19 @@ fn prometheus_scrapes_every_service_and_evaluates_the_rules() -> Result<()> {
         rules == in_file,
         "Prometheus loaded {rules} of {in_file} rules"
     );
+    let metadata = api(port, "/api/v1/metadata").context("no metric metadata")?;
+    let metadata = metadata.as_object().context("metadata is not a map")?;
+    for (name, entries) in metadata {
+        for kind in entries.as_array().into_iter().flatten() {
+            let kind = kind["type"].as_str().unwrap_or_default();
+            if let Some(why) = unconventional(name, kind) {
+                anyhow::bail!("{name} ({kind}): {why}");
+            }
+        }
+    }
+    for core in ["sieve_records_in_total", "sieve_batch_duration_seconds"] {
+        anyhow::ensure!(metadata.contains_key(core), "{core} was not scraped");
+    }
     assert_eq!(dedup.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(antijoin.terminate(Duration::from_secs(30))?, 0);
     assert_eq!(planner.terminate(Duration::from_secs(30))?, 0);

@@ -1,4 +1,10 @@
-//! Stream anti-join metrics, named and described in one place.
+//! Stream anti-join metrics: named, described and recorded here and nowhere else.
+
+// The one module of this crate allowed to call the `metrics` macros (clippy.toml bans them
+// elsewhere).
+#![allow(clippy::disallowed_macros)]
+
+use ::metrics::{counter, describe_counter, describe_gauge, gauge};
 
 pub const EMITTED: &str = "sieve_antijoin_emitted_total";
 pub const MATCHED: &str = "sieve_antijoin_matched_total";
@@ -9,10 +15,9 @@ pub const BLOOM_NEGATIVES: &str = "sieve_antijoin_bloom_negatives_total";
 pub const BLOOM_FALSE_POSITIVES: &str = "sieve_antijoin_bloom_false_positives_total";
 pub const RIGHT_KEYS: &str = "sieve_antijoin_right_keys";
 pub const RIGHT_BAD: &str = "sieve_antijoin_right_unkeyed_total";
-pub const HOT_KEY_SHARE: &str = "sieve_antijoin_hot_key_share";
+pub const HOT_KEY_RATIO: &str = "sieve_antijoin_hot_key_ratio";
 
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge};
     describe_counter!(
         EMITTED,
         "Left records written to the output: no right match when judged."
@@ -44,7 +49,49 @@ pub fn describe() {
         "Right records without a Kafka key, ignored (the right side is keyed by record key)."
     );
     describe_gauge!(
-        HOT_KEY_SHARE,
-        "Share of a partition's recent left records taken by its heaviest keys, by rank (names at /skew)."
+        HOT_KEY_RATIO,
+        "Share (0..1) of a partition's recent left records taken by its heaviest keys, by rank (names at /skew)."
     );
+}
+
+pub fn emitted() {
+    counter!(EMITTED).increment(1);
+}
+
+pub fn matched() {
+    counter!(MATCHED).increment(1);
+}
+
+pub fn retraction() {
+    counter!(RETRACTIONS).increment(1);
+}
+
+pub fn reemit() {
+    counter!(REEMITS).increment(1);
+}
+
+pub fn dead_letter(reason: &'static str) {
+    counter!(DEAD_LETTERS, "reason" => reason).increment(1);
+}
+
+pub fn bloom_negative() {
+    counter!(BLOOM_NEGATIVES).increment(1);
+}
+
+pub fn bloom_false_positive() {
+    counter!(BLOOM_FALSE_POSITIVES).increment(1);
+}
+
+pub fn right_keys(keys: u64) {
+    gauge!(RIGHT_KEYS).set(keys as f64);
+}
+
+pub fn right_unkeyed() {
+    counter!(RIGHT_BAD).increment(1);
+}
+
+/// `rank` counts from 1 (the heaviest key).
+pub fn hot_key_ratio(partition: i32, rank: usize, ratio: f64) {
+    gauge!(HOT_KEY_RATIO, "partition" => partition.to_string(), "rank" => rank.to_string())
+        .set(ratio);
 }

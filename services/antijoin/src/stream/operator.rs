@@ -57,7 +57,7 @@ impl AntiJoin {
     }
 
     fn reject(&self, rec: &OwnedMessage, reason: &'static str, detail: &str) -> Output {
-        metrics::counter!(m::DEAD_LETTERS, "reason" => reason).increment(1);
+        m::dead_letter(reason);
         dead_letter(rec, &self.cfg.dlq, STAGE, reason, detail)
     }
 
@@ -83,7 +83,7 @@ impl AntiJoin {
     }
 
     fn tombstone(&self, key: &[u8]) -> Output {
-        metrics::counter!(m::RETRACTIONS).increment(1);
+        m::retraction();
         Output::new(&self.cfg.out).key(key)
     }
 }
@@ -119,9 +119,9 @@ impl Operator for AntiJoin {
         let payload = rec.payload().unwrap_or_default();
         let matched = self.right.lock().contains(&key)?;
         if matched {
-            metrics::counter!(m::MATCHED).increment(1);
+            m::matched();
         } else {
-            metrics::counter!(m::EMITTED).increment(1);
+            m::emitted();
         }
         match self.cfg.output_mode {
             OutputMode::Append => {
@@ -163,7 +163,7 @@ impl Operator for AntiJoin {
                 ctx.emit(self.tombstone(key));
                 ctx.put(DEFAULT_CF, key, &entry(SUPPRESSED, payload));
             } else if !matched && flag == SUPPRESSED {
-                metrics::counter!(m::REEMITS).increment(1);
+                m::reemit();
                 ctx.emit(self.value(key, payload).header(REEMIT_HEADER, "1"));
                 ctx.put(DEFAULT_CF, key, &stored_as_emitted(&stored));
             }

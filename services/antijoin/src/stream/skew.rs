@@ -85,8 +85,7 @@ impl SkewBoard {
             })
             .collect();
         for (rank, h) in hot.iter().enumerate() {
-            metrics::gauge!(m::HOT_KEY_SHARE, "partition" => partition.to_string(), "rank" => (rank + 1).to_string())
-                .set(h.share);
+            m::hot_key_ratio(partition, rank + 1, h.share);
         }
         self.0
             .lock()

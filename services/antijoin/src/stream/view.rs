@@ -74,7 +74,7 @@ impl RightView {
             }
             None => view.rebuild_bloom()?,
         }
-        metrics::gauge!(m::RIGHT_KEYS).set(view.keys as f64);
+        m::right_keys(view.keys);
         Ok(view)
     }
 
@@ -97,7 +97,7 @@ impl RightView {
     /// Whether `key` is on the right; RocksDB is read only when the Bloom filter says maybe.
     pub fn contains(&mut self, key: &[u8]) -> Result<bool> {
         if !self.bloom.may_contain(key) {
-            metrics::counter!(m::BLOOM_NEGATIVES).increment(1);
+            m::bloom_negative();
             return Ok(false);
         }
         let present = self
@@ -106,7 +106,7 @@ impl RightView {
             .is_some();
         self.bloom.record_store_answer(present);
         if !present {
-            metrics::counter!(m::BLOOM_FALSE_POSITIVES).increment(1);
+            m::bloom_false_positive();
         }
         Ok(present)
     }
@@ -122,7 +122,7 @@ impl RightView {
                 .side_pos
                 .insert(TopicPartition::of(rec), rec.offset() + 1);
             let Some(key) = rec.key() else {
-                metrics::counter!(m::RIGHT_BAD).increment(1);
+                m::right_unkeyed();
                 continue;
             };
             let k = stored_key(key);
@@ -149,7 +149,7 @@ impl RightView {
         if self.stale > self.keys.max(100_000) {
             self.rebuild_bloom()?;
         }
-        metrics::gauge!(m::RIGHT_KEYS).set(self.keys as f64);
+        m::right_keys(self.keys);
         self.bloom.publish("antijoin_right");
         Ok(())
     }

@@ -15,10 +15,10 @@ use super::{add_commit, Engine, Queued};
 use crate::commit::{commit_logged, settle_changelog};
 use crate::error::Result;
 use crate::failpoint;
+use crate::metrics::{self, Skipped};
 use crate::operator::{self, Ctx, Operator, OperatorFactory};
 use crate::produce::{delivered, send_output};
 use crate::record::OutputId;
-use crate::telemetry::names;
 use crate::topic_partition::TopicPartition;
 
 impl<F: OperatorFactory> Engine<F> {
@@ -72,17 +72,15 @@ impl<F: OperatorFactory> Engine<F> {
         failpoint::hit("after_produce");
         let commits = self.finish_batch(queued, &touched)?;
         for (t, n) in in_counts {
-            metrics::counter!(names::RECORDS_IN, "topic" => t).increment(n);
+            metrics::records_in(t, n);
         }
         if skipped_processed > 0 {
-            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_processed")
-                .increment(skipped_processed);
+            metrics::records_skipped(Skipped::AlreadyProcessed, skipped_processed);
         }
         if skipped_written > 0 {
-            metrics::counter!(names::RECORDS_SKIPPED, "reason" => "already_written")
-                .increment(skipped_written);
+            metrics::records_skipped(Skipped::AlreadyWritten, skipped_written);
         }
-        metrics::histogram!(names::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::batch_duration(started.elapsed().as_secs_f64());
         Ok(commits)
     }
 
@@ -163,7 +161,7 @@ impl<F: OperatorFactory> Engine<F> {
             add_commit(&mut commits, tp, part.meta.next_offset)?;
         }
         for (t, n) in out_counts {
-            metrics::counter!(names::RECORDS_OUT, "topic" => t).increment(n);
+            metrics::records_out(t, n);
         }
         Ok(commits)
     }

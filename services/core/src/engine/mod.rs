@@ -41,12 +41,13 @@ use crate::config::{Guarantee, ServiceArgs};
 use crate::error::{CoreError, Result};
 use crate::group_watch::GroupWatch;
 use crate::kafka::Clients;
+use crate::metrics::{self, ErrorKind};
 use crate::operator::OperatorFactory;
 use crate::priority::Scheduler;
 use crate::replay::Replay;
 use crate::side::SideReader;
 use crate::store::{Changes, PartitionMeta, PartitionStore};
-use crate::telemetry::{names, Health};
+use crate::telemetry::Health;
 use crate::topic_partition::TopicPartition;
 use rebalance::{lock, RunnerContext};
 
@@ -99,8 +100,7 @@ impl<F: OperatorFactory> Engine<F> {
 
     fn update_state_gauges(&self) {
         for (tp, part) in &self.partitions {
-            metrics::gauge!(names::STATE_BYTES, "topic" => tp.topic.clone(), "partition" => tp.partition.to_string())
-                .set(part.store.approximate_bytes() as f64);
+            metrics::state_bytes(tp, part.store.approximate_bytes());
         }
     }
 }
@@ -177,8 +177,8 @@ pub fn run<F: OperatorFactory>(
     };
     let mut consumer = subscribe()?;
     health.set_live(true);
-    metrics::gauge!(names::PAUSED_PARTITIONS).set(0.0);
-    metrics::gauge!(names::ASSIGNED_PARTITIONS).set(0.0);
+    metrics::paused_partitions(0);
+    metrics::assigned_partitions(0);
     tracing::info!(group = args.group, inputs = ?inputs, guarantee = ?args.guarantee, "processing");
 
     let linger = args.batch_linger;
@@ -194,7 +194,7 @@ pub fn run<F: OperatorFactory>(
                 stall_s = args.group_stall.as_secs(),
                 "never settled back into the consumer group: replacing the consumer"
             );
-            metrics::counter!(names::ERRORS, "kind" => "group_stalled").increment(1);
+            metrics::error(ErrorKind::GroupStalled);
             match subscribe() {
                 // The old consumer closes (leaves the group) as it is dropped.
                 Ok(fresh) => drop(std::mem::replace(&mut consumer, fresh)),
@@ -215,7 +215,7 @@ pub fn run<F: OperatorFactory>(
             match consumer.poll(left) {
                 Some(Ok(m)) => batch.push(m.detach()),
                 Some(Err(e)) => {
-                    metrics::counter!(names::ERRORS, "kind" => "consume").increment(1);
+                    metrics::error(ErrorKind::Consume);
                     tracing::warn!(error = %e, "consume error");
                 }
                 None => break,

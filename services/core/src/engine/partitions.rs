@@ -13,11 +13,11 @@ use crate::changelog;
 use crate::commit::{commit_logged, settle_changelog};
 use crate::error::{CoreError, Result};
 use crate::kafka::retry_transient;
+use crate::metrics;
 use crate::operator::{self, OperatorFactory};
 use crate::paths;
 use crate::replay;
 use crate::store::{Changes, PartitionMeta, PartitionStore};
-use crate::telemetry::names;
 use crate::topic_partition::TopicPartition;
 
 impl<F: OperatorFactory> Engine<F> {
@@ -96,7 +96,7 @@ impl<F: OperatorFactory> Engine<F> {
                 &cl_topic,
                 tp.partition,
                 cl_end,
-                |n| metrics::counter!(names::RESTORE_RECORDS).increment(n),
+                metrics::restore_records,
             )?;
             tracing::info!(
                 topic = tp.topic,
@@ -123,8 +123,7 @@ impl<F: OperatorFactory> Engine<F> {
             Some(op) => op,
             None => self.factory.open(&tp.topic, tp.partition, &store)?,
         };
-        metrics::gauge!(names::STATE_BYTES, "topic" => tp.topic.clone(), "partition" => tp.partition.to_string())
-            .set(store.approximate_bytes() as f64);
+        metrics::state_bytes(tp, store.approximate_bytes());
         tracing::info!(
             topic = tp.topic,
             partition = tp.partition,

@@ -16,8 +16,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::Engine;
 use crate::error::CoreError;
 use crate::group_watch::GroupWatch;
+use crate::metrics::{self, ErrorKind};
 use crate::operator::OperatorFactory;
-use crate::telemetry::names;
 use crate::topic_partition::TopicPartition;
 
 pub(super) struct RunnerContext<F: OperatorFactory> {
@@ -48,17 +48,16 @@ impl<F: OperatorFactory> ClientContext for RunnerContext<F> {
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
                 if *p >= 0 && s.desired && s.consumer_lag >= 0 {
-                    metrics::gauge!(names::CONSUMER_LAG, "topic" => topic.clone(), "partition" => p.to_string())
-                        .set(s.consumer_lag as f64);
+                    metrics::consumer_lag(topic, *p, s.consumer_lag);
                 }
                 prefetched += s.fetchq_size;
             }
         }
-        metrics::gauge!(names::PREFETCH_BYTES).set(prefetched as f64);
+        metrics::prefetch_bytes(prefetched);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        metrics::counter!(names::ERRORS, "kind" => "kafka_client").increment(1);
+        metrics::error(ErrorKind::KafkaClient);
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 }
@@ -102,7 +101,7 @@ impl<F: OperatorFactory> ConsumerContext for RunnerContext<F> {
                 if let Err(e) = res {
                     engine.fatal.get_or_insert(CoreError::kafka("assign", e));
                 }
-                metrics::gauge!(names::ASSIGNED_PARTITIONS).set(engine.partitions.len() as f64);
+                metrics::assigned_partitions(engine.partitions.len());
                 engine.health.set_joined(true);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -126,10 +125,10 @@ impl<F: OperatorFactory> ConsumerContext for RunnerContext<F> {
                 if let Err(e) = res {
                     tracing::warn!(error = %e, "unassign failed");
                 }
-                metrics::gauge!(names::ASSIGNED_PARTITIONS).set(engine.partitions.len() as f64);
+                metrics::assigned_partitions(engine.partitions.len());
             }
             other => {
-                metrics::counter!(names::ERRORS, "kind" => "rebalance").increment(1);
+                metrics::error(ErrorKind::Rebalance);
                 tracing::error!(error = ?other, "rebalance error");
                 let _ = consumer.unassign();
             }

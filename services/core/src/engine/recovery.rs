@@ -13,10 +13,10 @@ use crate::changelog;
 use crate::commit::{commit_logged, settle_changelog};
 use crate::error::{CoreError, Result};
 use crate::kafka::retry_transient;
+use crate::metrics;
 use crate::operator::OperatorFactory;
 use crate::record::OutputId;
 use crate::store::Changes;
-use crate::telemetry::names;
 use crate::topic_partition::TopicPartition;
 
 impl<F: OperatorFactory> Engine<F> {
@@ -83,7 +83,7 @@ impl<F: OperatorFactory> Engine<F> {
                     },
                 )?;
             }
-            metrics::counter!(names::RECOVERY_SCANNED).increment(scanned);
+            metrics::recovery_scanned_records(scanned);
             let found: usize = dirty
                 .iter()
                 .filter_map(|tp| self.partitions.get(*tp))

@@ -7,10 +7,10 @@ use rdkafka::TopicPartitionList;
 
 use super::{Engine, Partition, Queued};
 use crate::error::Result;
+use crate::metrics;
 use crate::operator::{Ctx, Operator, OperatorFactory};
 use crate::produce::send_output;
 use crate::side;
-use crate::telemetry::names;
 use crate::topic_partition::TopicPartition;
 
 impl<F: OperatorFactory> Engine<F> {
@@ -56,7 +56,7 @@ impl<F: OperatorFactory> Engine<F> {
                 };
                 if from < to {
                     side::replay(&self.reader, stp, from, to, |chunk| {
-                        metrics::counter!(names::SIDE_REPLAYED).increment(chunk.len() as u64);
+                        metrics::side_replayed_records(chunk.len());
                         show_side(&self.producer, tp, part, chunk, &mut queued)
                     })?;
                 }
@@ -76,7 +76,7 @@ impl<F: OperatorFactory> Engine<F> {
             return Ok(TopicPartitionList::new());
         };
         table.apply(&records)?;
-        metrics::counter!(names::SIDE_RECORDS).increment(records.len() as u64);
+        metrics::side_records(records.len());
         let mut queued: Queued = Vec::new();
         let mut touched = Vec::new();
         for (tp, part) in self.partitions.iter_mut() {
