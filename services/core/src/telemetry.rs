@@ -31,6 +31,7 @@ pub mod names {
     pub const RECORDS_IN: &str = "sieve_records_in_total";
     pub const RECORDS_OUT: &str = "sieve_records_out_total";
     pub const RECORDS_SKIPPED: &str = "sieve_records_skipped_total";
+    pub const DLQ_RECORDS: &str = "sieve_dlq_records_total";
     pub const BATCH_SECONDS: &str = "sieve_batch_seconds";
     pub const CONSUMER_LAG: &str = "sieve_consumer_lag";
     pub const PREFETCH_BYTES: &str = "sieve_consumer_prefetch_bytes";
@@ -70,6 +71,10 @@ fn describe() {
     describe_counter!(
         RECORDS_SKIPPED,
         "Records not processed or not produced again: already_processed (input before the stored offset), already_written (output found in the recovery scan)."
+    );
+    describe_counter!(
+        DLQ_RECORDS,
+        "Records sent to a dead-letter topic, by stage and reason (each stage's reasons: ops/runbooks/dlq.md)."
     );
     describe_histogram!(
         BATCH_SECONDS,

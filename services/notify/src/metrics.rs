@@ -5,7 +5,6 @@ pub const TASKS: &str = "sieve_notify_tasks_total";
 pub const CONTINUATIONS: &str = "sieve_notify_continuations_total";
 pub const OUTCOMES: &str = "sieve_notify_outcomes_total";
 pub const LATENCY: &str = "sieve_notify_latency_seconds";
-pub const DEAD_LETTERS: &str = "sieve_notify_dlq_total";
 pub const FEEDBACK: &str = "sieve_notify_feedback_total";
 
 pub fn describe() {
@@ -28,7 +27,6 @@ pub fn describe() {
         Unit::Seconds,
         "From a notification's created_at to its delivery record being produced, by priority."
     );
-    describe_counter!(DEAD_LETTERS, "Records sent to dlq.notify, by reason.");
     describe_counter!(
         FEEDBACK,
         "Gateway reports by status and outcome (counted, or stale: a duplicate or late report that changed nothing)."
