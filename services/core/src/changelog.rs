@@ -14,6 +14,7 @@
 //! turns dedup's one changelog record per new key into a few per batch, and the compacted
 //! changelog holds only live buckets.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -204,6 +205,21 @@ pub fn read_range(
     idle_timeout: Duration,
     mut f: impl FnMut(&OwnedMessage) -> Result<()>,
 ) -> Result<()> {
+    read_range_while(reader, topic, partition, from, to, idle_timeout, |m| {
+        f(m).map(|()| ControlFlow::Continue(()))
+    })
+}
+
+/// [`read_range`] that stops early when `f` breaks (a reader with a limit).
+pub fn read_range_while(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    idle_timeout: Duration,
+    mut f: impl FnMut(&OwnedMessage) -> Result<ControlFlow<()>>,
+) -> Result<()> {
     if from >= to {
         return Ok(());
     }
@@ -221,7 +237,11 @@ pub fn read_range(
                 if m.offset() >= to {
                     break Ok(());
                 }
-                f(&m.detach())?;
+                match f(&m.detach()) {
+                    Ok(ControlFlow::Continue(())) => {}
+                    Ok(ControlFlow::Break(())) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
                 if m.offset() + 1 >= to {
                     break Ok(());
                 }

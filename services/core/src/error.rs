@@ -1,18 +1,6 @@
-//! Typed errors of the runtime, each tagged with what the caller should do next.
+//! Typed errors of the runtime.
 
 use rdkafka::error::KafkaError;
-
-/// What a caller should do with an error: route user data to a DLQ, retry an external
-/// dependency, or stop loudly because the process can no longer be trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorDomain {
-    /// The input is bad: send it to the DLQ with the reason and go on.
-    User,
-    /// A dependency (broker, network) failed: retry with backoff.
-    External,
-    /// sieve's own state is broken: stop, a restart recovers from Kafka.
-    Internal,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -49,18 +37,6 @@ impl CoreError {
         CoreError::Kafka {
             context: context.into(),
             source,
-        }
-    }
-
-    pub fn domain(&self) -> ErrorDomain {
-        match self {
-            CoreError::Config(_) => ErrorDomain::User,
-            CoreError::Kafka { .. } | CoreError::Unreachable { .. } | CoreError::Io(_) => {
-                ErrorDomain::External
-            }
-            CoreError::Store { .. } | CoreError::Corrupt(_) | CoreError::Operator(_) => {
-                ErrorDomain::Internal
-            }
         }
     }
 }

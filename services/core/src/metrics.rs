@@ -20,6 +20,7 @@ pub mod names {
     pub const RECORDS_IN: &str = "sieve_records_in_total";
     pub const RECORDS_OUT: &str = "sieve_records_out_total";
     pub const RECORDS_SKIPPED: &str = "sieve_records_skipped_total";
+    pub const DLQ_RECORDS: &str = "sieve_dlq_records_total";
     pub const BATCH_DURATION: &str = "sieve_batch_duration_seconds";
     pub const CONSUMER_LAG: &str = "sieve_consumer_lag";
     pub const PREFETCH_BYTES: &str = "sieve_consumer_prefetch_bytes";
@@ -53,6 +54,10 @@ pub(crate) fn describe() {
         "Input records re-read before a replay offset to rebuild state, outputs discarded."
     );
     describe_counter!(RECORDS_IN, "Input records taken into processing, by topic.");
+    describe_counter!(
+        DLQ_RECORDS,
+        "Records sent to a dead-letter topic, by stage and reason (each stage's reasons: ops/runbooks/dlq.md)."
+    );
     describe_counter!(
         RECORDS_OUT,
         "Output records acknowledged by the broker, by topic."
@@ -162,6 +167,10 @@ pub(crate) enum Skipped {
 
 pub(crate) fn error(kind: ErrorKind) {
     counter!(ERRORS, "kind" => kind.as_str()).increment(1);
+}
+
+pub(crate) fn dlq_record(stage: &'static str, reason: &'static str) {
+    counter!(DLQ_RECORDS, "stage" => stage, "reason" => reason).increment(1);
 }
 
 pub(crate) fn records_in(topic: String, n: u64) {

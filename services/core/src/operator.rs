@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rdkafka::message::OwnedMessage;
 
+use crate::dlq::{Reason, Rejected};
 use crate::error::{CoreError, Result};
 use crate::record::Output;
 use crate::side::SideTable;
@@ -103,6 +104,15 @@ impl<'a> Ctx<'a> {
     }
     pub fn emit(&mut self, output: Output) {
         self.outputs.push(output)
+    }
+    /// Sends `rec` to `dlq_topic` for `rejected`'s reason, counted per stage and reason.
+    pub fn dead_letter<R: Reason>(
+        &mut self,
+        rec: &OwnedMessage,
+        dlq_topic: &str,
+        rejected: &Rejected<R>,
+    ) {
+        self.emit(rejected.dead_letter(rec, dlq_topic))
     }
     /// True while re-processing records whose outputs a crash may have left on the broker
     /// without the state that explains them. An operator whose decisions depend on data

@@ -8,7 +8,6 @@ use ::metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
 
 pub const DUPLICATES: &str = "sieve_dedup_duplicates_total";
 pub const UNIQUE: &str = "sieve_dedup_unique_total";
-pub const DEAD_LETTERS: &str = "sieve_dedup_dlq_total";
 pub const BLOOM_NEGATIVES: &str = "sieve_dedup_bloom_negatives_total";
 pub const BLOOM_FALSE_POSITIVES: &str = "sieve_dedup_bloom_false_positives_total";
 pub const BLOOM_MAYBES: &str = "sieve_dedup_bloom_maybes_total";
@@ -27,7 +26,6 @@ pub fn describe() {
         UNIQUE,
         "Records passed on as the first of their key inside the TTL."
     );
-    describe_counter!(DEAD_LETTERS, "Records sent to the DLQ, by reason (idempotency_conflict, missing_idempotency_key, key_too_long, bad_json).");
     describe_counter!(
         BLOOM_NEGATIVES,
         "Lookups answered by the Bloom filters alone: RocksDB reads skipped."
@@ -60,10 +58,6 @@ pub fn duplicate() {
 
 pub fn unique() {
     counter!(UNIQUE).increment(1);
-}
-
-pub fn dead_letter(reason: &'static str) {
-    counter!(DEAD_LETTERS, "reason" => reason).increment(1);
 }
 
 pub fn bloom_negative() {

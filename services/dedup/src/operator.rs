@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rdkafka::message::{Message, OwnedMessage};
 use sieve_core::bloom::KeyBloom;
-use sieve_core::dlq::dead_letter;
+use sieve_core::dlq::{Reason, Rejected};
 use sieve_core::operator::{Ctx, Operator};
 use sieve_core::record::{header, Output};
 use sieve_core::store::{bucket_cf, bucket_name, i64_of, PartitionStore, DEFAULT_CF};
@@ -25,7 +25,6 @@ use crate::metrics as m;
 const WATERMARK_KEY: &[u8] = b"\0watermark";
 const BLOOMS_LOCAL_KEY: &[u8] = b"dedup.blooms";
 const BLOOMS_CLEAN_KEY: &[u8] = b"dedup.blooms.clean";
-const STAGE: &str = "dedup";
 pub const FIRST_HASH_HEADER: &str = "sieve-dedup-first-hash";
 pub const PAYLOAD_HASH_HEADER: &str = "sieve-dedup-payload-hash";
 
@@ -41,12 +40,34 @@ pub enum KeyError {
 }
 
 impl KeyError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reject {
         match self {
-            KeyError::NoHeader(_) => "missing_idempotency_key",
-            KeyError::Pointer(jsonkey::KeyError::BadJson(_)) => "bad_json",
-            KeyError::Pointer(_) => "missing_idempotency_key",
-            KeyError::TooLong(..) => "key_too_long",
+            KeyError::NoHeader(_) => Reject::MissingIdempotencyKey,
+            KeyError::Pointer(jsonkey::KeyError::BadJson(_)) => Reject::BadJson,
+            KeyError::Pointer(_) => Reject::MissingIdempotencyKey,
+            KeyError::TooLong(..) => Reject::KeyTooLong,
+        }
+    }
+}
+
+/// Why dedup sends a record to its DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    MissingIdempotencyKey,
+    BadJson,
+    KeyTooLong,
+    /// The same key with a different payload inside the TTL.
+    IdempotencyConflict,
+}
+
+impl Reason for Reject {
+    const STAGE: &'static str = "dedup";
+    fn as_str(self) -> &'static str {
+        match self {
+            Reject::MissingIdempotencyKey => "missing_idempotency_key",
+            Reject::BadJson => "bad_json",
+            Reject::KeyTooLong => "key_too_long",
+            Reject::IdempotencyConflict => "idempotency_conflict",
         }
     }
 }
@@ -193,11 +214,6 @@ impl Dedup {
         bucket.keys += 1;
         bucket.bytes += key.len() as u64 + 8;
     }
-
-    fn reject(&self, rec: &OwnedMessage, reason: &'static str, detail: &str) -> Output {
-        m::dead_letter(reason);
-        dead_letter(rec, &self.cfg.dlq, STAGE, reason, detail)
-    }
 }
 
 impl Operator for Dedup {
@@ -205,8 +221,11 @@ impl Operator for Dedup {
         let key = match idempotency_key(rec, &self.cfg) {
             Ok(k) => k,
             Err(e) => {
-                let out = self.reject(rec, e.reason(), &e.to_string());
-                ctx.emit(out);
+                ctx.dead_letter(
+                    rec,
+                    &self.cfg.dlq,
+                    &Rejected::new(e.reason(), e.to_string()),
+                );
                 return Ok(());
             }
         };
@@ -223,8 +242,8 @@ impl Operator for Dedup {
             }
             Some(first) => {
                 let detail = format!("same idempotency key, different payload: first hash {first:016x}, this hash {hash:016x}");
-                let out = self
-                    .reject(rec, "idempotency_conflict", &detail)
+                let out = Rejected::new(Reject::IdempotencyConflict, detail)
+                    .dead_letter(rec, &self.cfg.dlq)
                     .header(FIRST_HASH_HEADER, format!("{first:016x}"))
                     .header(PAYLOAD_HASH_HEADER, format!("{hash:016x}"));
                 ctx.emit(out);

@@ -2,6 +2,7 @@
 //! metrics and summaries), the HTTP status it maps to, and where in the record it failed.
 
 use serde::Serialize;
+use sieve_core::dlq;
 use sieve_formats::jsonkey::KeyError;
 
 use crate::headers;
@@ -36,6 +37,13 @@ pub enum Reason {
     RateLimited,
     Overloaded,
     BrokerUnavailable,
+}
+
+impl dlq::Reason for Reason {
+    const STAGE: &'static str = "ingest";
+    fn as_str(self) -> &'static str {
+        Reason::as_str(self)
+    }
 }
 
 impl Reason {
@@ -146,22 +154,21 @@ pub struct Rejection {
 impl Rejection {
     /// Headers of this record's DLQ copy: the core's DLQ headers (stage, reason, detail with
     /// path and rule, the topic it was bound for), the stream and where it came from.
+    /// The DLQ headers of a record rejected for this; the record is counted as dead-lettered.
     pub fn dlq_headers(&self, stream: &Stream, source: String) -> Vec<(&'static str, Vec<u8>)> {
+        dlq::count(self.reason);
         let detail = match (&self.path, &self.rule) {
             (Some(p), Some(rule)) => format!("{} (path {p:?}, rule {rule})", self.detail),
             _ => self.detail.clone(),
         };
         vec![
-            (sieve_core::dlq::STAGE, b"ingest".to_vec()),
             (
-                sieve_core::dlq::REASON,
-                self.reason.as_str().as_bytes().to_vec(),
+                dlq::STAGE,
+                <Reason as dlq::Reason>::STAGE.as_bytes().to_vec(),
             ),
-            (sieve_core::dlq::DETAIL, detail.into_bytes()),
-            (
-                sieve_core::dlq::SOURCE_TOPIC,
-                stream.spec.topic.clone().into_bytes(),
-            ),
+            (dlq::REASON, self.reason.as_str().as_bytes().to_vec()),
+            (dlq::DETAIL, detail.into_bytes()),
+            (dlq::SOURCE_TOPIC, stream.spec.topic.clone().into_bytes()),
             (headers::STREAM, stream.name.clone().into_bytes()),
             (headers::SOURCE, source.into_bytes()),
         ]

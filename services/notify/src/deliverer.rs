@@ -20,7 +20,7 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::message::{Message, OwnedMessage};
 use serde::{Deserialize, Serialize};
-use sieve_core::dlq::dead_letter;
+use sieve_core::dlq::{Reason, Rejected};
 use sieve_core::operator::{Ctx, Operator};
 use sieve_core::record::Output;
 use sieve_core::side::KvTable;
@@ -97,6 +97,23 @@ struct Deferred {
     notification: Notification,
     user: String,
     channel: Channel,
+}
+
+/// Why the deliverer sends a task to the DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliverReject {
+    BadTask,
+    NoPayload,
+}
+
+impl Reason for DeliverReject {
+    const STAGE: &'static str = "notify-deliverer";
+    fn as_str(self) -> &'static str {
+        match self {
+            DeliverReject::BadTask => "bad_task",
+            DeliverReject::NoPayload => "no_payload",
+        }
+    }
 }
 
 pub struct Deliverer {
@@ -397,25 +414,13 @@ impl Operator for Deliverer {
             Some(Ok(TaskRecord::Tick { .. })) => return Ok(()),
             Some(Ok(TaskRecord::Task(t))) => t,
             Some(Err(e)) => {
-                m::dead_letter("bad_task");
-                ctx.emit(dead_letter(
-                    rec,
-                    &self.cfg.dlq,
-                    "notify-deliverer",
-                    "bad_task",
-                    &e.to_string(),
-                ));
+                let rejected = Rejected::new(DeliverReject::BadTask, e.to_string());
+                ctx.dead_letter(rec, &self.cfg.dlq, &rejected);
                 return Ok(());
             }
             None => {
-                m::dead_letter("no_payload");
-                ctx.emit(dead_letter(
-                    rec,
-                    &self.cfg.dlq,
-                    "notify-deliverer",
-                    "no_payload",
-                    "task has no payload",
-                ));
+                let rejected = Rejected::new(DeliverReject::NoPayload, "task has no payload");
+                ctx.dead_letter(rec, &self.cfg.dlq, &rejected);
                 return Ok(());
             }
         };

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use rdkafka::message::{Message, OwnedMessage};
-use sieve_core::dlq::dead_letter;
+use sieve_core::dlq::{Reason, Rejected};
 use sieve_core::operator::{Ctx, Operator};
 use sieve_core::record::Output;
 use sieve_core::store::DEFAULT_CF;
@@ -31,8 +31,6 @@ use crate::deliverer::pair_key;
 use crate::metrics as m;
 use crate::model::{Channel, Counts, InvalidToken, Report, ReportStatus, StatusEvent};
 use crate::planner::to_json;
-
-const STAGE: &str = "notify-feedback";
 
 /// How far one delivery got, as its gateway reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -92,14 +90,33 @@ fn advance(before: Option<Progress>, report: Progress) -> Vec<Progress> {
 }
 
 /// Why a report is unusable (the DLQ reason and detail).
-type Rejection = (&'static str, String);
+/// Why the feedback service sends a report to the DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedbackReject {
+    NoPayload,
+    BadReport,
+    /// A gateway gave up on a delivery (its reason is in the detail).
+    GatewayFailed,
+}
 
-fn parse(rec: &OwnedMessage) -> std::result::Result<Report, Rejection> {
+impl Reason for FeedbackReject {
+    const STAGE: &'static str = "notify-feedback";
+    fn as_str(self) -> &'static str {
+        match self {
+            FeedbackReject::NoPayload => "no_payload",
+            FeedbackReject::BadReport => "bad_report",
+            FeedbackReject::GatewayFailed => "gateway_failed",
+        }
+    }
+}
+
+fn parse(rec: &OwnedMessage) -> std::result::Result<Report, Rejected<FeedbackReject>> {
     let payload = rec
         .payload()
-        .ok_or(("no_payload", "report has no payload".to_string()))?;
-    let r: Report = serde_json::from_slice(payload).map_err(|e| ("bad_report", e.to_string()))?;
-    let bad = |detail: &str| Err(("bad_report", detail.to_string()));
+        .ok_or_else(|| Rejected::new(FeedbackReject::NoPayload, "report has no payload"))?;
+    let r: Report = serde_json::from_slice(payload)
+        .map_err(|e| Rejected::new(FeedbackReject::BadReport, e.to_string()))?;
+    let bad = |detail: &str| Err(Rejected::new(FeedbackReject::BadReport, detail));
     if rec.key() != Some(r.user_id.as_bytes()) {
         // Another key could put a delivery's reports in two partitions and count them twice.
         return bad("the record key must be the user id");
@@ -154,18 +171,13 @@ impl Feedback {
         if to == Progress::Failed {
             let reason = r.reason.as_deref().unwrap_or_default();
             counts.add(&format!("failed:{reason}"), 1);
-            m::dead_letter("gateway_failed");
-            ctx.emit(dead_letter(
-                rec,
-                &self.cfg.dlq,
-                STAGE,
-                reason,
-                &format!(
-                    "the {} gateway gave up on {} after its retries",
-                    r.channel.name(),
-                    r.user_id
-                ),
-            ));
+            let detail = format!(
+                "the {} gateway gave up on {} after its retries: {reason}",
+                r.channel.name(),
+                r.user_id
+            );
+            let rejected = Rejected::new(FeedbackReject::GatewayFailed, detail);
+            ctx.dead_letter(rec, &self.cfg.dlq, &rejected);
         }
         Ok(())
     }
@@ -203,9 +215,8 @@ impl Operator for Feedback {
     fn process(&mut self, rec: &OwnedMessage, ctx: &mut Ctx<'_>) -> Result<()> {
         let r = match parse(rec) {
             Ok(r) => r,
-            Err((reason, detail)) => {
-                m::dead_letter(reason);
-                ctx.emit(dead_letter(rec, &self.cfg.dlq, STAGE, reason, &detail));
+            Err(rejected) => {
+                ctx.dead_letter(rec, &self.cfg.dlq, &rejected);
                 return Ok(());
             }
         };

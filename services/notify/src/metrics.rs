@@ -11,7 +11,6 @@ pub const TASKS: &str = "sieve_notify_tasks_total";
 pub const CONTINUATIONS: &str = "sieve_notify_continuations_total";
 pub const OUTCOMES: &str = "sieve_notify_outcomes_total";
 pub const END_TO_END_DURATION: &str = "sieve_notify_end_to_end_duration_seconds";
-pub const DEAD_LETTERS: &str = "sieve_notify_dlq_total";
 pub const FEEDBACK: &str = "sieve_notify_feedback_total";
 
 pub fn describe() {
@@ -33,7 +32,6 @@ pub fn describe() {
         Unit::Seconds,
         "From a notification's created_at to its delivery record being produced, by priority."
     );
-    describe_counter!(DEAD_LETTERS, "Records sent to dlq.notify, by reason.");
     describe_counter!(
         FEEDBACK,
         "Gateway reports by status and outcome (counted, or stale: a duplicate or late report that changed nothing)."
@@ -59,10 +57,6 @@ pub fn outcome(priority: u8, status: &str, reason: &str) {
 
 pub fn end_to_end_duration(priority: u8, seconds: f64) {
     histogram!(END_TO_END_DURATION, "priority" => priority.to_string()).record(seconds);
-}
-
-pub fn dead_letter(reason: &'static str) {
-    counter!(DEAD_LETTERS, "reason" => reason).increment(1);
 }
 
 pub fn feedback(status: &'static str, outcome: &'static str) {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rdkafka::message::{Message, OwnedMessage};
-use sieve_core::dlq::dead_letter;
+use sieve_core::dlq::{Reason, Rejected};
 use sieve_core::operator::{Ctx, Operator};
 use sieve_core::record::Output;
 use sieve_core::side::KvTable;
@@ -205,22 +205,39 @@ pub fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| sieve_core::CoreError::Operator(format!("encode json: {e}")))
 }
 
-/// Why a request cannot be planned, as a DLQ reason and detail.
-pub fn parse_request(rec: &OwnedMessage) -> std::result::Result<Request, (&'static str, String)> {
+/// Why the planner sends a request to the DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanReject {
+    NoPayload,
+    BadRequest,
+}
+
+impl Reason for PlanReject {
+    const STAGE: &'static str = "notify-planner";
+    fn as_str(self) -> &'static str {
+        match self {
+            PlanReject::NoPayload => "no_payload",
+            PlanReject::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// The request in `rec`, or why it cannot be planned.
+pub fn parse_request(rec: &OwnedMessage) -> std::result::Result<Request, Rejected<PlanReject>> {
+    let bad = |detail: String| Rejected::new(PlanReject::BadRequest, detail);
     let payload = rec
         .payload()
-        .ok_or(("no_payload", "request has no payload".to_string()))?;
-    let req: Request =
-        serde_json::from_slice(payload).map_err(|e| ("bad_request", e.to_string()))?;
+        .ok_or_else(|| Rejected::new(PlanReject::NoPayload, "request has no payload"))?;
+    let req: Request = serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
     let n = &req.notification;
     if n.priority > 3 {
-        return Err(("bad_request", format!("priority {} is not 0-3", n.priority)));
+        return Err(bad(format!("priority {} is not 0-3", n.priority)));
     }
     if n.channels.is_empty() {
-        return Err(("bad_request", "no channels".into()));
+        return Err(bad("no channels".into()));
     }
     if n.notification_id.is_empty() {
-        return Err(("bad_request", "empty notification_id".into()));
+        return Err(bad("empty notification_id".into()));
     }
     Ok(req)
 }
@@ -229,15 +246,8 @@ impl Operator for Planner {
     fn process(&mut self, rec: &OwnedMessage, ctx: &mut Ctx<'_>) -> Result<()> {
         let req = match parse_request(rec) {
             Ok(r) => r,
-            Err((reason, detail)) => {
-                m::dead_letter(reason);
-                ctx.emit(dead_letter(
-                    rec,
-                    &self.cfg.dlq,
-                    "notify-planner",
-                    reason,
-                    &detail,
-                ));
+            Err(rejected) => {
+                ctx.dead_letter(rec, &self.cfg.dlq, &rejected);
                 return Ok(());
             }
         };

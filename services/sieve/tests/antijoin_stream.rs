@@ -280,7 +280,8 @@ fn retractions_reach_the_exact_expected_set(by_id: bool, extra: &[&str]) -> Resu
         m("sieve_records_in_total"),
         m("sieve_antijoin_emitted_total"),
         m("sieve_antijoin_matched_total"),
-        m("sieve_antijoin_dlq_total"),
+        svc.metric("sieve_dlq_records_total", &["stage=\"antijoin\""])
+            .unwrap_or(-1.0) as usize,
     );
     let (retractions, reemits) = (
         m("sieve_antijoin_retractions_total"),

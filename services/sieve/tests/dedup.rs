@@ -145,7 +145,8 @@ fn dedup_200k_with_retries_and_conflicts_reconciles() -> Result<()> {
         m("sieve_records_in_total"),
         m("sieve_dedup_unique_total"),
         m("sieve_dedup_duplicates_total"),
-        m("sieve_dedup_dlq_total"),
+        svc.metric("sieve_dlq_records_total", &["stage=\"dedup\""])
+            .unwrap_or(-1.0) as i64,
     );
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
     assert_eq!((uniq, dups, dlq), (new, retries, conflicts));

@@ -876,8 +876,8 @@ fn gateway_reports_count_once_and_failures_reach_the_dlq() -> Result<()> {
             f("feedback", "bad_report"),
             f("feedback", "bad_report"),
             f("feedback", "bad_report"),
-            f("feedback", "quota_exceeded"),
-            f("feedback", "unreachable"),
+            f("feedback", "gateway_failed"),
+            f("feedback", "gateway_failed"),
             f("planner", "bad_request"),
             f("planner", "bad_request"),
         ]

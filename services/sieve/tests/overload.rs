@@ -294,7 +294,9 @@ fn twice_the_capacity_for_a_minute_sheds_stays_bounded_and_loses_nothing() -> Re
     let (out, dups, dlq) = (
         m("sieve_dedup_unique_total"),
         m("sieve_dedup_duplicates_total"),
-        m("sieve_dedup_dlq_total"),
+        dedup
+            .metric("sieve_dlq_records_total", &["stage=\"dedup\""])
+            .unwrap_or(0.0),
     );
     ensure!(
         inn == acked.len() as f64 && inn == out + dups + dlq && dups == 0.0 && dlq == 0.0,

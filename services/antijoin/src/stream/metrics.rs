@@ -10,7 +10,6 @@ pub const EMITTED: &str = "sieve_antijoin_emitted_total";
 pub const MATCHED: &str = "sieve_antijoin_matched_total";
 pub const RETRACTIONS: &str = "sieve_antijoin_retractions_total";
 pub const REEMITS: &str = "sieve_antijoin_reemits_total";
-pub const DEAD_LETTERS: &str = "sieve_antijoin_dlq_total";
 pub const BLOOM_NEGATIVES: &str = "sieve_antijoin_bloom_negatives_total";
 pub const BLOOM_FALSE_POSITIVES: &str = "sieve_antijoin_bloom_false_positives_total";
 pub const RIGHT_KEYS: &str = "sieve_antijoin_right_keys";
@@ -30,10 +29,6 @@ pub fn describe() {
     describe_counter!(
         REEMITS,
         "Left records written again because their right match was deleted."
-    );
-    describe_counter!(
-        DEAD_LETTERS,
-        "Left records sent to the DLQ, by reason (no_payload, bad_json, missing_key, key_not_scalar, key_too_long)."
     );
     describe_counter!(
         BLOOM_NEGATIVES,
@@ -68,10 +63,6 @@ pub fn retraction() {
 
 pub fn reemit() {
     counter!(REEMITS).increment(1);
-}
-
-pub fn dead_letter(reason: &'static str) {
-    counter!(DEAD_LETTERS, "reason" => reason).increment(1);
 }
 
 pub fn bloom_negative() {

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use rdkafka::message::{Message, OwnedMessage};
-use sieve_core::dlq::dead_letter;
+use sieve_core::dlq::{Reason, Rejected};
 use sieve_core::operator::{Ctx, Operator};
 use sieve_core::record::Output;
 use sieve_core::store::DEFAULT_CF;
@@ -29,13 +29,45 @@ use super::metrics as m;
 use super::skew::{SkewBoard, TopKeys};
 use super::view::SharedView;
 
-const STAGE: &str = "antijoin";
 /// Marks records written again after their right match was deleted.
 pub const REEMIT_HEADER: &str = "sieve-antijoin-reemit";
 const EMITTED: u8 = 1;
 const SUPPRESSED: u8 = 0;
 /// Skew gauges are refreshed every this many left records.
 const SKEW_EVERY: u64 = 10_000;
+
+/// Why the anti-join sends a left record to its DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    NoPayload,
+    BadJson,
+    MissingKey,
+    KeyNotScalar,
+    KeyTooLong,
+}
+
+impl Reject {
+    fn of_key(e: &jsonkey::KeyError) -> Self {
+        match e {
+            jsonkey::KeyError::BadJson(_) => Reject::BadJson,
+            jsonkey::KeyError::Missing(_) => Reject::MissingKey,
+            jsonkey::KeyError::NotScalar(_) => Reject::KeyNotScalar,
+        }
+    }
+}
+
+impl Reason for Reject {
+    const STAGE: &'static str = "antijoin";
+    fn as_str(self) -> &'static str {
+        match self {
+            Reject::NoPayload => "no_payload",
+            Reject::BadJson => "bad_json",
+            Reject::MissingKey => "missing_key",
+            Reject::KeyNotScalar => "key_not_scalar",
+            Reject::KeyTooLong => "key_too_long",
+        }
+    }
+}
 
 pub struct AntiJoin {
     cfg: Arc<StreamArgs>,
@@ -56,24 +88,23 @@ impl AntiJoin {
         }
     }
 
-    fn reject(&self, rec: &OwnedMessage, reason: &'static str, detail: &str) -> Output {
-        m::dead_letter(reason);
-        dead_letter(rec, &self.cfg.dlq, STAGE, reason, detail)
+    fn reject(&self, rec: &OwnedMessage, reason: Reject, detail: String) -> Output {
+        Rejected::new(reason, detail).dead_letter(rec, &self.cfg.dlq)
     }
 
     fn join_key(&self, rec: &OwnedMessage) -> std::result::Result<Vec<u8>, Output> {
         let Some(payload) = rec.payload() else {
-            return Err(self.reject(rec, "no_payload", "left record has no payload"));
+            return Err(self.reject(rec, Reject::NoPayload, "left record has no payload".into()));
         };
         let key = jsonkey::extract(payload, &self.cfg.key)
-            .map_err(|e| self.reject(rec, e.reason(), &e.to_string()))?;
+            .map_err(|e| self.reject(rec, Reject::of_key(&e), e.to_string()))?;
         if key.len() > self.cfg.max_key_bytes {
             let detail = format!(
                 "join key of {} bytes exceeds the limit of {}",
                 key.len(),
                 self.cfg.max_key_bytes
             );
-            return Err(self.reject(rec, "key_too_long", &detail));
+            return Err(self.reject(rec, Reject::KeyTooLong, detail));
         }
         Ok(key)
     }

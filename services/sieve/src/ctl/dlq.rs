@@ -9,6 +9,7 @@
 //! DLQ record is redriven twice, whatever filters later runs use.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ops::ControlFlow;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use sieve_core::changelog::read_range;
+use sieve_core::changelog::{read_range, read_range_while};
 use sieve_core::config::KafkaArgs;
 use sieve_core::dlq;
 use sieve_core::kafka::Clients;
@@ -34,7 +35,6 @@ pub const REDRIVEN_FROM: &str = "sieve-redriven-from";
 const DLQ_HEADER_PREFIX: &str = "sieve-dlq-";
 const IDLE: Duration = Duration::from_secs(30);
 const PREVIEW_BYTES: usize = 120;
-const LIMIT_REACHED: &str = "limit reached";
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCmd {
@@ -157,21 +157,17 @@ fn scan(
             break;
         }
         let from = starts.get(&p).copied().unwrap_or(high);
-        let res = read_range(reader, topic, p, from, high, IDLE, |m| {
+        read_range_while(reader, topic, p, from, high, IDLE, |m| {
             if left == 0 {
-                // Stops the read: the limit is reached mid-partition.
-                return Err(CoreError::Operator(LIMIT_REACHED.into()));
+                // The limit is reached mid-partition.
+                return Ok(ControlFlow::Break(()));
             }
             if filter.matches(m) {
                 left -= 1;
                 f(m).map_err(|e| CoreError::Operator(format!("{e:#}")))?;
             }
-            Ok(())
-        });
-        match res {
-            Err(CoreError::Operator(msg)) if msg == LIMIT_REACHED => break,
-            other => other?,
-        }
+            Ok(ControlFlow::Continue(()))
+        })?;
     }
     Ok(())
 }
