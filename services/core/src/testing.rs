@@ -5,12 +5,22 @@
 //! ```ignore
 //! let mut p = OperatorHarness::open(&factory, "events", 0)?;
 //! let out = p.process([Input::new("k", r#"{"id":"k"}"#).at(1_000)])?;
+//! assert_eq!(dlq_reason(&out[0]), Some("bad_json"));
 //! ```
+//!
+//! A factory that keeps a side table under the service's state directory opens over
+//! [`temp_service`]; [`OperatorHarness::side`] feeds that table and shows the records to the
+//! operator, as the engine does.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use rdkafka::message::{OwnedHeaders, OwnedMessage, Timestamp};
 use tempfile::TempDir;
 
-use crate::error::Result;
+use crate::config::{Guarantee, LogFormat, ServiceArgs};
+use crate::dlq;
+use crate::error::{CoreError, Result};
 use crate::operator::{self, Ctx, Operator, OperatorFactory};
 use crate::record::Output;
 use crate::store::{Changes, PartitionMeta, PartitionStore};
@@ -99,6 +109,8 @@ pub struct OperatorHarness<O> {
     op: O,
     tp: TopicPartition,
     meta: PartitionMeta,
+    /// Next offset of each side topic's partition 0, for [`OperatorHarness::side`].
+    side_offsets: BTreeMap<String, i64>,
     _dir: TempDir,
 }
 
@@ -116,6 +128,7 @@ impl<O: Operator> OperatorHarness<O> {
             op,
             tp: TopicPartition::new(topic, partition),
             meta: PartitionMeta::default(),
+            side_offsets: BTreeMap::new(),
             _dir: dir,
         })
     }
@@ -140,6 +153,35 @@ impl<O: Operator> OperatorHarness<O> {
         self.batch(|op, ctx| op.on_side(records, ctx))
     }
 
+    /// Applies `inputs` to `factory`'s side table as records of partition 0 of their topic
+    /// (`Input::on`; default: the table's first topic) at the next offsets, then shows them
+    /// to the operator as [`Self::on_side`] does; returns what it emitted.
+    pub fn side<F>(
+        &mut self,
+        factory: &mut F,
+        inputs: impl IntoIterator<Item = Input>,
+    ) -> Result<Vec<Output>>
+    where
+        F: OperatorFactory<Op = O>,
+    {
+        let table = factory
+            .side_table()
+            .ok_or_else(|| CoreError::Operator("the factory has no side table".into()))?;
+        let default_topic = table.topics().into_iter().next().unwrap_or_default();
+        let records: Vec<OwnedMessage> = inputs
+            .into_iter()
+            .map(|input| {
+                let topic = input.topic.clone().unwrap_or_else(|| default_topic.clone());
+                let next = self.side_offsets.entry(topic.clone()).or_insert(0);
+                let m = input.message(&topic, 0, *next);
+                *next += 1;
+                m
+            })
+            .collect();
+        table.apply(&records)?;
+        self.on_side(&records)
+    }
+
     /// Closes the partition as a revocation would (final flush and commit) and opens a new
     /// operator on the same store: what survives is what the store holds.
     pub fn reopen<F>(&mut self, factory: &F) -> Result<()>
@@ -149,6 +191,17 @@ impl<O: Operator> OperatorHarness<O> {
         let mut changes = Changes::default();
         operator::flush(&mut self.op, &self.store, &mut changes, true)?;
         self.store.commit(&changes, &self.meta)?;
+        self.op = factory.open(&self.tp.topic, self.tp.partition, &self.store)?;
+        Ok(())
+    }
+
+    /// Opens a new operator on the same store without closing the old one, as a restart
+    /// after a crash would: what survives is what the last batch committed, and no
+    /// close-time cache (a Bloom snapshot) was written since.
+    pub fn reopen_after_crash<F>(&mut self, factory: &F) -> Result<()>
+    where
+        F: OperatorFactory<Op = O>,
+    {
         self.op = factory.open(&self.tp.topic, self.tp.partition, &self.store)?;
         Ok(())
     }
@@ -172,4 +225,56 @@ impl<O: Operator> OperatorHarness<O> {
         self.store.commit(&changes, &self.meta)?;
         Ok(outputs)
     }
+}
+
+/// Service settings over a fresh temporary state directory, for factories that keep side
+/// tables under it; keep the directory alive as long as the factory.
+pub fn temp_service(group: &str) -> Result<(TempDir, ServiceArgs)> {
+    let dir = tempfile::tempdir()?;
+    let args = ServiceArgs {
+        group: group.to_string(),
+        state_dir: dir.path().to_path_buf(),
+        metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        log_format: LogFormat::Text,
+        guarantee: Guarantee::ExactlyOnce,
+        batch_records: 5_000,
+        batch_linger: Duration::from_millis(50),
+        state_memory_mb: 64,
+        group_stall: Duration::from_secs(60),
+    };
+    Ok((dir, args))
+}
+
+/// First value of an output's header, as text.
+pub fn header<'o>(out: &'o Output, name: &str) -> Option<&'o str> {
+    out.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+/// The DLQ reason of an output (`sieve-dlq-reason`), `None` for anything but a DLQ record.
+pub fn dlq_reason(out: &Output) -> Option<&str> {
+    header(out, dlq::REASON)
+}
+
+/// The DLQ detail of an output (`sieve-dlq-detail`).
+pub fn dlq_detail(out: &Output) -> Option<&str> {
+    header(out, dlq::DETAIL)
+}
+
+/// An output's key as text (empty when it has none).
+pub fn key_str(out: &Output) -> &str {
+    out.key
+        .as_deref()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .unwrap_or_default()
+}
+
+/// An output's payload parsed as JSON (`Null` for a tombstone or bytes that are not JSON).
+pub fn json(out: &Output) -> serde_json::Value {
+    out.payload
+        .as_deref()
+        .and_then(|p| serde_json::from_slice(p).ok())
+        .unwrap_or_default()
 }
