@@ -298,6 +298,21 @@ fn warm_up<O: Operator>(
     let mut changes = Changes::default();
     let mut outputs = Vec::new();
     let mut read = 0u64;
+    // Flushes the operator's caches into `changes` and commits them as one chunk.
+    let mut commit = |op: &mut O, store: &mut PartitionStore, changes: &mut Changes| {
+        operator::flush(op, store, changes, false)?;
+        pending.extend(commit_logged(
+            io.producer,
+            io.group,
+            io.tp,
+            store,
+            changes,
+            meta,
+            "after_warmup_committed",
+        )?);
+        changes.clear();
+        Ok::<_, CoreError>(())
+    };
     changelog::read_range(
         io.reader,
         &io.tp.topic,
@@ -310,31 +325,12 @@ fn warm_up<O: Operator>(
             op.process(m, &mut Ctx::new(store, &mut changes, &mut outputs, false))?;
             outputs.clear();
             if changes.len() >= CHUNK {
-                operator::flush(op, store, &mut changes, false)?;
-                pending.extend(commit_logged(
-                    io.producer,
-                    io.group,
-                    io.tp,
-                    store,
-                    &changes,
-                    meta,
-                    "after_warmup_committed",
-                )?);
-                changes.clear();
+                commit(op, store, &mut changes)?;
             }
             Ok(())
         },
     )?;
-    operator::flush(op, store, &mut changes, false)?;
-    pending.extend(commit_logged(
-        io.producer,
-        io.group,
-        io.tp,
-        store,
-        &changes,
-        meta,
-        "after_warmup_committed",
-    )?);
+    commit(op, store, &mut changes)?;
     Ok(read)
 }
 
