@@ -465,7 +465,7 @@ impl Broker {
         let reader = clients.reader()?;
         let mut out = Vec::new();
         for (p, high) in self.end_offsets(topic)? {
-            sieve_core::changelog::read_range(
+            sieve_core::read::read_range(
                 &reader,
                 topic,
                 p,

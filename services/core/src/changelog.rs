@@ -14,16 +14,13 @@
 //! turns dedup's one changelog record per new key into a few per batch, and the compacted
 //! changelog holds only live buckets.
 
-use std::ops::ControlFlow;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::message::Message;
 
 use crate::error::{CoreError, Result};
+use crate::read::read_range;
 use crate::store::{bucket_of, Changes, PartitionMeta, PartitionStore};
 
 const TAG_STATE: u8 = 1;
@@ -192,83 +189,6 @@ fn decode_key<'a>(k: &'a [u8]) -> Result<Decoded<'a>> {
         },
         _ => Err(bad()),
     }
-}
-
-/// Reads `[from, to)` of one partition, calling `f` for each record in order.
-/// Gives up when no record arrives for `idle_timeout` (a stuck broker), never silently.
-pub fn read_range(
-    reader: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-    from: i64,
-    to: i64,
-    idle_timeout: Duration,
-    mut f: impl FnMut(&OwnedMessage) -> Result<()>,
-) -> Result<()> {
-    read_range_while(reader, topic, partition, from, to, idle_timeout, |m| {
-        f(m).map(|()| ControlFlow::Continue(()))
-    })
-}
-
-/// [`read_range`] that stops early when `f` breaks (a reader with a limit).
-pub fn read_range_while(
-    reader: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-    from: i64,
-    to: i64,
-    idle_timeout: Duration,
-    mut f: impl FnMut(&OwnedMessage) -> Result<ControlFlow<()>>,
-) -> Result<()> {
-    if from >= to {
-        return Ok(());
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(from))
-        .map_err(|e| CoreError::kafka("assign reader", e))?;
-    reader
-        .assign(&tpl)
-        .map_err(|e| CoreError::kafka(format!("assign reader to {topic}/{partition}"), e))?;
-    let mut last_progress = Instant::now();
-    let result = loop {
-        match reader.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                last_progress = Instant::now();
-                if m.offset() >= to {
-                    break Ok(());
-                }
-                match f(&m.detach()) {
-                    Ok(ControlFlow::Continue(())) => {}
-                    Ok(ControlFlow::Break(())) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-                if m.offset() + 1 >= to {
-                    break Ok(());
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => break Ok(()),
-            Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) => {
-                continue
-            }
-            // The broker restarting or unreachable for a while: librdkafka reconnects by
-            // itself, and the idle timeout still bounds the wait.
-            Some(Err(e)) if crate::kafka::is_transient(&e) => {
-                tracing::debug!(error = %e, topic, partition, "read: waiting for the broker");
-            }
-            Some(Err(e)) => break Err(CoreError::kafka(format!("read {topic}/{partition}"), e)),
-            None if last_progress.elapsed() > idle_timeout => {
-                break Err(CoreError::kafka(
-                    format!(
-                        "read {topic}/{partition} [{from}, {to}): no data for {idle_timeout:?}"
-                    ),
-                    KafkaError::NoMessageReceived,
-                ))
-            }
-            None => {}
-        }
-    };
-    let _ = reader.unassign();
-    result
 }
 
 /// The meta of the last complete group in `[from, to)`, if any.

@@ -16,6 +16,7 @@ pub mod operator;
 pub mod paths;
 pub mod priority;
 mod produce;
+pub mod read;
 pub mod record;
 pub mod replay;
 pub mod service;

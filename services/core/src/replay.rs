@@ -27,12 +27,12 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::changelog;
 use crate::commit::{commit_logged, send_changelog_group, settle_changelog};
 use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
 use crate::metrics;
 use crate::operator::{self, Ctx, Operator, OperatorFactory};
+use crate::read;
 use crate::store::{bucket_of, Changes, PartitionMeta, PartitionStore};
 use crate::topic_partition::TopicPartition;
 
@@ -250,7 +250,7 @@ fn warmup_start(io: &Io<'_>, window: Duration, low: i64, start: i64, high: i64) 
         return Ok(start);
     }
     let mut ts = None;
-    changelog::read_range(
+    read::read_range(
         io.reader,
         &io.tp.topic,
         io.tp.partition,
@@ -313,7 +313,7 @@ fn warm_up<O: Operator>(
         changes.clear();
         Ok::<_, CoreError>(())
     };
-    changelog::read_range(
+    read::read_range(
         io.reader,
         &io.tp.topic,
         io.tp.partition,

@@ -22,10 +22,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::changelog;
 use crate::error::{CoreError, Result};
 use crate::kafka::Clients;
 use crate::metrics::{self, ErrorKind};
+use crate::read;
 use crate::store::{Changes, PartitionMeta, PartitionStore, DEFAULT_CF};
 use crate::topic_partition::TopicPartition;
 
@@ -191,7 +191,7 @@ pub(crate) fn replay(
     mut f: impl FnMut(&[OwnedMessage]) -> Result<()>,
 ) -> Result<()> {
     let mut chunk = Vec::new();
-    changelog::read_range(
+    read::read_range(
         reader,
         &tp.topic,
         tp.partition,

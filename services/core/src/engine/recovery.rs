@@ -9,12 +9,12 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 
 use super::Engine;
-use crate::changelog;
 use crate::commit::{commit_logged, settle_changelog};
 use crate::error::{CoreError, Result};
 use crate::kafka::retry_transient;
 use crate::metrics;
 use crate::operator::OperatorFactory;
+use crate::read;
 use crate::record::OutputId;
 use crate::store::Changes;
 use crate::topic_partition::TopicPartition;
@@ -53,7 +53,7 @@ impl<F: OperatorFactory> Engine<F> {
                     .unwrap_or(*high)
                     .max(*low);
                 let parts = &mut self.partitions;
-                changelog::read_range(
+                read::read_range(
                     &self.reader,
                     &out.topic,
                     out.partition,

@@ -20,10 +20,10 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use sieve_core::changelog::{read_range, read_range_while};
 use sieve_core::config::KafkaArgs;
 use sieve_core::dlq;
 use sieve_core::kafka::Clients;
+use sieve_core::read::{read_range, read_range_while};
 use sieve_core::record::{header, ID_HEADER};
 use sieve_core::CoreError;
 

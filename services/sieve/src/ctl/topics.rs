@@ -122,21 +122,13 @@ pub fn count(kafka: KafkaArgs, topic: &str, distinct_keys: bool) -> anyhow::Resu
     let mut records = 0u64;
     let mut keys: HashSet<Vec<u8>> = HashSet::new();
     for (p, lo, hi) in marks {
-        sieve_core::changelog::read_range(
-            &reader,
-            topic,
-            p,
-            lo,
-            hi,
-            Duration::from_secs(30),
-            |m| {
-                records += 1;
-                if distinct_keys {
-                    keys.insert(m.key().unwrap_or_default().to_vec());
-                }
-                Ok(())
-            },
-        )?;
+        sieve_core::read::read_range(&reader, topic, p, lo, hi, Duration::from_secs(30), |m| {
+            records += 1;
+            if distinct_keys {
+                keys.insert(m.key().unwrap_or_default().to_vec());
+            }
+            Ok(())
+        })?;
     }
     println!(
         "{}",
