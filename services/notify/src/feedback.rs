@@ -117,6 +117,9 @@ fn parse(rec: &OwnedMessage) -> std::result::Result<Report, Rejected<FeedbackRej
     let r: Report = serde_json::from_slice(payload)
         .map_err(|e| Rejected::new(FeedbackReject::BadReport, e.to_string()))?;
     let bad = |detail: &str| Err(Rejected::new(FeedbackReject::BadReport, detail));
+    if r.notification_id.is_empty() || r.user_id.is_empty() {
+        return bad("empty notification_id or user_id");
+    }
     if rec.key() != Some(r.user_id.as_bytes()) {
         // Another key could put a delivery's reports in two partitions and count them twice.
         return bad("the record key must be the user id");
@@ -127,6 +130,10 @@ fn parse(rec: &OwnedMessage) -> std::result::Result<Report, Rejected<FeedbackRej
             bad("invalid_token is a push report")
         }
         ReportStatus::InvalidToken if missing(&r.token) => bad("invalid_token without a token"),
+        // `users.invalid_tokens` keys are `<user>/<token>`, split at the last `/`.
+        ReportStatus::InvalidToken if r.token.as_deref().is_some_and(|t| t.contains('/')) => {
+            bad("a token must not contain '/'")
+        }
         ReportStatus::Failed if missing(&r.reason) => bad("failed without a reason"),
         _ => Ok(r),
     }

@@ -216,6 +216,20 @@ pub struct FeedbackFactory {
     board: CountsBoard,
 }
 
+impl FeedbackFactory {
+    pub fn new(args: FeedbackArgs) -> Self {
+        FeedbackFactory {
+            cfg: Arc::new(args),
+            board: CountsBoard::default(),
+        }
+    }
+
+    /// The delivery counts the processor serves over HTTP.
+    pub fn board(&self) -> &CountsBoard {
+        &self.board
+    }
+}
+
 impl OperatorFactory for FeedbackFactory {
     type Op = Feedback;
 
@@ -244,11 +258,8 @@ impl OperatorFactory for FeedbackFactory {
 /// Runs the gateway feedback processor until SIGTERM/SIGINT.
 pub fn run_feedback(kafka: &KafkaArgs, service: &ServiceArgs, args: FeedbackArgs) -> Result<()> {
     metrics::describe();
-    let factory = FeedbackFactory {
-        cfg: Arc::new(args),
-        board: CountsBoard::default(),
-    };
-    let routes = factory.board.routes();
+    let factory = FeedbackFactory::new(args);
+    let routes = factory.board().routes();
     sieve_core::service::run_processor(factory, kafka, service, routes)
 }
 

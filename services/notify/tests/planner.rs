@@ -270,7 +270,7 @@ fn bad_requests_go_to_the_dlq_with_their_reason() {
 }
 
 #[test]
-#[ignore = "bug: docs/notify.md says requests with unknown fields go to the DLQ, but the \
+#[ignore = "bug, issue 21 (one contract): docs/notify.md says requests with unknown fields go to the DLQ, but the \
             planner ignores them (serde flatten, no deny_unknown_fields), so a misspelt \
             `expire_at` silently never expires"]
 fn a_request_with_an_unknown_field_goes_to_the_dlq() {
