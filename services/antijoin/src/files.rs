@@ -32,12 +32,16 @@ pub struct FilesArgs {
     /// Output NDJSON file, or - for stdout.
     #[arg(long, default_value = "-")]
     pub out: PathBuf,
-    /// JSON pointer of the key in left records.
-    #[arg(long, default_value = "/id")]
+    /// The key in left records: a field name (`id`) or a JSON pointer (`/user/id`).
+    #[arg(long, default_value = "id", value_parser = jsonkey::key_pointer)]
     pub key: String,
-    /// JSON pointer of the key in right records (default: --key).
-    #[arg(long)]
+    /// The key in right records, the same way (default: --key).
+    #[arg(long, value_parser = jsonkey::key_pointer)]
     pub right_key: Option<String>,
+    /// Fail (exit 2) when the records without a usable key, both sides together, exceed this
+    /// share of the records read: a wrong --key must not pass as an empty answer.
+    #[arg(long, default_value_t = 0.01)]
+    pub max_error_rate: f64,
     /// Output the distinct missing keys with their counts instead of the left records.
     #[arg(long)]
     pub keys_only: bool,
@@ -72,6 +76,12 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Records without a usable key, both sides, as a share of the records read.
+    pub fn error_rate(&self) -> f64 {
+        let rejected: u64 = self.rejected.values().sum();
+        rejected as f64 / (self.left_records + self.right_records).max(1) as f64
+    }
+
     pub fn print(&self, to: &mut dyn Write) -> std::io::Result<()> {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         writeln!(to, "anti-join summary")?;

@@ -44,6 +44,7 @@ proptest! {
             threads: Some(threads),
             spill_dir: Some(dir.path().to_path_buf()),
             quiet: true,
+            max_error_rate: 0.0,
         };
         let summary = run(&args).unwrap();
         let right_set: HashSet<u8> = right.iter().copied().collect();

@@ -27,6 +27,19 @@ impl KeyError {
     }
 }
 
+/// A `--key` argument as a JSON pointer: a pointer (`/id`, `/user/id`) is kept, anything else
+/// is a top-level field name (`id`, as DuckDB and Spark users write it), escaped as RFC 6901
+/// asks (`~` → `~0`, `/` → `~1`).
+pub fn key_pointer(arg: &str) -> Result<String, String> {
+    if arg.is_empty() {
+        return Err("empty key: give a field name (id) or a JSON pointer (/id)".into());
+    }
+    if arg.starts_with('/') {
+        return Ok(arg.to_string());
+    }
+    Ok(format!("/{}", arg.replace('~', "~0").replace('/', "~1")))
+}
+
 /// The key at `pointer` in the JSON document `bytes`. The whole document is read as a full
 /// parse would read it (every string decoded, the same nesting limit), but only the value at
 /// the pointer is built (building a `serde_json::Value` of each record was the file
@@ -240,6 +253,17 @@ pub fn key_of(doc: &serde_json::Value, pointer: &str) -> Result<Vec<u8>, KeyErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_argument_is_a_pointer_or_a_field_name() {
+        assert_eq!(key_pointer("/id").unwrap(), "/id");
+        assert_eq!(key_pointer("/user/id").unwrap(), "/user/id");
+        assert_eq!(key_pointer("id").unwrap(), "/id");
+        assert_eq!(key_pointer("a/b~c").unwrap(), "/a~1b~0c");
+        assert!(key_pointer("").unwrap_err().contains("field name"));
+        let ptr = key_pointer("user id").unwrap();
+        assert_eq!(extract(br#"{"user id":7}"#, &ptr).unwrap(), b"7");
+    }
 
     #[test]
     fn strings_numbers_and_failures() {

@@ -94,6 +94,17 @@ impl AntijoinCmd {
             AntijoinCmd::Files(args) => {
                 let summary = sieve_antijoin::files::run(&args)?;
                 summary.print(&mut std::io::stderr())?;
+                if summary.error_rate() > args.max_error_rate {
+                    eprintln!(
+                        "error: {:.2} % of the records had no usable key (limit {:.2} %: \
+                         --max-error-rate): {:?}; is --key {} right?",
+                        summary.error_rate() * 100.0,
+                        args.max_error_rate * 100.0,
+                        summary.rejected,
+                        args.key
+                    );
+                    return Ok(ExitCode::from(2));
+                }
                 Ok(ExitCode::SUCCESS)
             }
         }

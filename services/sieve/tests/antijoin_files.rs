@@ -34,8 +34,8 @@ fn write(
     Ok(())
 }
 
-/// Runs `sieve antijoin files`; returns its stderr (the summary) and its peak RSS in bytes.
-fn antijoin(left: &Path, right: &Path, out: &Path, extra: &[&str]) -> Result<(String, u64)> {
+/// Runs `sieve antijoin files`; returns its exit code and stderr.
+fn antijoin_run(left: &Path, right: &Path, out: &Path, extra: &[&str]) -> Result<(i32, String)> {
     let run = Command::new(BIN)
         .args(["antijoin", "files", "--left"])
         .arg(left)
@@ -48,11 +48,14 @@ fn antijoin(left: &Path, right: &Path, out: &Path, extra: &[&str]) -> Result<(St
         .output()
         .context("running sieve antijoin files")?;
     let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
-    ensure!(
-        run.status.success(),
-        "exit {:?}: {stderr}",
-        run.status.code()
-    );
+    Ok((run.status.code().unwrap_or(-1), stderr))
+}
+
+/// Runs `sieve antijoin files`, which must succeed; returns its stderr (the summary) and its
+/// peak RSS in bytes.
+fn antijoin(left: &Path, right: &Path, out: &Path, extra: &[&str]) -> Result<(String, u64)> {
+    let (code, stderr) = antijoin_run(left, right, out, extra)?;
+    ensure!(code == 0, "exit {code}: {stderr}");
     Ok((stderr, children_peak_rss()))
 }
 
@@ -211,6 +214,54 @@ fn left_input_twenty_times_the_budget_keeps_memory_bounded() -> Result<()> {
         "peak RSS {} MiB for a {} MiB left input, budget {budget_mb} MiB",
         peak >> 20,
         left_bytes >> 20
+    );
+    Ok(())
+}
+
+#[test]
+fn a_field_name_is_a_key_and_a_wrong_key_fails_instead_of_an_empty_answer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = UsersSpec {
+        legacy: 2_000,
+        ids: 1_500,
+        ..Default::default()
+    };
+    let (left, right) = (dir.path().join("legacy"), dir.path().join("current"));
+    write(&left, spec.legacy().map(|(_, r)| r), false, false)?;
+    write(&right, spec.current().map(|(_, r)| r), false, false)?;
+    let (by_name, by_pointer) = (dir.path().join("by-name"), dir.path().join("by-pointer"));
+    antijoin(&left, &right, &by_name, &["--key", "id"])?;
+    antijoin(&left, &right, &by_pointer, &["--key", "/id"])?;
+    let missing = spec.legacy().filter(|(id, _)| !spec.is_current(id)).count();
+    let got = std::fs::read(&by_name)?;
+    ensure!(got.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() == missing);
+    ensure!(
+        got == std::fs::read(&by_pointer)?,
+        "a field name and its pointer differ"
+    );
+
+    // The seed's mistake: a key that no record has. Every record is rejected; the run says
+    // so and fails rather than writing an empty answer with exit 0.
+    let (code, stderr) = antijoin_run(&left, &right, &dir.path().join("o"), &["--key", "uid"])?;
+    ensure!(code == 2, "exit {code}: {stderr}");
+    ensure!(
+        stderr.contains("100.00 % of the records had no usable key")
+            && stderr.contains("left_missing_key")
+            && stderr.contains("--key /uid"),
+        "{stderr}"
+    );
+    // Under the limit, rejections are reported and the run succeeds.
+    let (code, stderr) = antijoin_run(
+        &left,
+        &right,
+        &dir.path().join("o"),
+        &["--key", "uid", "--max-error-rate", "1"],
+    )?;
+    ensure!(code == 0, "exit {code}: {stderr}");
+    let (code, stderr) = antijoin_run(&left, &right, &dir.path().join("o"), &["--key", ""])?;
+    ensure!(
+        code == 2 && stderr.contains("empty key"),
+        "exit {code}: {stderr}"
     );
     Ok(())
 }

@@ -23,8 +23,8 @@ pub struct StreamArgs {
     /// deletes its key).
     #[arg(long, env = "SIEVE_ANTIJOIN_RIGHT", default_value = "users.current")]
     pub right: String,
-    /// JSON pointer of the join key in left records.
-    #[arg(long, env = "SIEVE_ANTIJOIN_KEY", default_value = "/id")]
+    /// The join key in left records: a field name (`id`) or a JSON pointer (`/user/id`).
+    #[arg(long, env = "SIEVE_ANTIJOIN_KEY", default_value = "id", value_parser = sieve_formats::jsonkey::key_pointer)]
     pub key: String,
     #[arg(long, env = "SIEVE_ANTIJOIN_OUT", default_value = "antijoin.out")]
     pub out: String,
