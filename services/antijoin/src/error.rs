@@ -4,6 +4,9 @@ use sieve_formats::jsonfile::ReadError;
 pub enum AntijoinError {
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// An input that cannot be read as asked (a missing CSV column, mixed formats).
+    #[error("{0}")]
+    Input(String),
     #[error("spill store: {0}")]
     Store(String),
     #[error("io: {0}")]

@@ -15,8 +15,10 @@ use clap::Args;
 use crossbeam_channel::bounded;
 use indicatif::{ProgressBar, ProgressStyle};
 use sieve_core::telemetry::peak_rss_bytes;
-use sieve_formats::jsonfile::{self, Position};
+use sieve_formats::jsonfile;
 use sieve_formats::jsonkey;
+
+use crate::input::{self, Format, Item, KeyOf};
 
 use crate::error::{AntijoinError, Result};
 use crate::right::RightSet;
@@ -115,13 +117,28 @@ impl Summary {
 const BATCH_BYTES: usize = 1 << 20;
 
 /// Records of one batch as one buffer plus ranges: one allocation per batch, not per record.
-#[derive(Default)]
+/// A batch holds records of one file, whose key they share.
 struct Batch {
     data: Vec<u8>,
     records: Vec<(usize, usize)>,
+    key: KeyOf,
+    /// The CSV header to write before the output's first row.
+    header: Option<Vec<u8>>,
+}
+
+impl Batch {
+    fn new(key: KeyOf) -> Self {
+        Batch {
+            data: Vec::new(),
+            records: Vec::new(),
+            key,
+            header: None,
+        }
+    }
 }
 
 struct Done {
+    header: Option<Vec<u8>>,
     out: Vec<u8>,
     missing_keys: Vec<Vec<u8>>,
     records: u64,
@@ -131,6 +148,14 @@ struct Done {
 
 pub fn run(args: &FilesArgs) -> Result<Summary> {
     let started = Instant::now();
+    let formats: Vec<Format> = args.left.iter().map(|p| Format::of(p)).collect();
+    if formats.windows(2).any(|w| w[0] != w[1]) {
+        return Err(AntijoinError::Input(
+            "the left files mix CSV and JSON; the output takes the left side's format, so \
+             give one format per run"
+                .into(),
+        ));
+    }
     let budget = args.memory_budget_mb << 20;
     let spill_dir = args.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
     let mut summary = Summary::default();
@@ -140,16 +165,19 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
     let mut right = RightSet::new();
     for path in &args.right {
         let (reader, _) = jsonfile::open(path)?;
-        jsonfile::for_each_record(&path.display().to_string(), reader, |_, bytes| {
+        input::for_each_record(path, reader, &right_key, |item| {
+            let Item::Record(key, bytes) = item else {
+                return Ok(());
+            };
             summary.right_records += 1;
-            match jsonkey::extract(bytes, &right_key) {
+            match key.extract(bytes) {
                 Ok(k) => right
                     .insert(&k, budget / 2, &spill_dir)
                     .map_err(|e| e.to_string()),
-                Err(e) => {
+                Err(reason) => {
                     *summary
                         .rejected
-                        .entry(format!("right_{}", e.reason()))
+                        .entry(format!("right_{reason}"))
                         .or_default() += 1;
                     Ok(())
                 }
@@ -187,15 +215,14 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
     std::thread::scope(|scope| -> Result<()> {
         let (batch_tx, batch_rx) = bounded::<(u64, Batch)>(threads * 2);
         let (done_tx, done_rx) = bounded::<(u64, Done)>(threads * 2);
-        let reader = scope.spawn(|| read_left(&args.left, batch_tx, &progress));
+        let reader = scope.spawn(|| read_left(&args.left, &args.key, batch_tx, &progress));
         let right = &right;
         for _ in 0..threads {
             let (rx, tx) = (batch_rx.clone(), done_tx.clone());
-            let key = args.key.as_str();
             let keys_only = args.keys_only;
             scope.spawn(move || {
                 for (seq, batch) in rx {
-                    let done = probe(&batch, key, right, keys_only);
+                    let done = probe(batch, right, keys_only);
                     if tx.send((seq, done)).is_err() {
                         break;
                     }
@@ -215,6 +242,11 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
                 summary.emitted += d.emitted;
                 for (r, n) in d.rejected {
                     *summary.rejected.entry(format!("left_{r}")).or_default() += n;
+                }
+                if let (Some(h), false) = (&d.header, args.keys_only) {
+                    if let Err(e) = out.write_all(h).and_then(|()| out.write_all(b"\n")) {
+                        write_err.get_or_insert(e.into());
+                    }
                 }
                 let res = if args.keys_only {
                     d.missing_keys.iter().try_for_each(|k| counts.add(k))
@@ -245,39 +277,78 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
 
 fn read_left(
     paths: &[PathBuf],
+    pointer: &str,
     tx: crossbeam_channel::Sender<(u64, Batch)>,
     progress: &Progress,
 ) -> Result<()> {
     let mut seq = 0u64;
-    let mut batch = Batch::default();
+    let mut send = |batch: Batch| -> std::result::Result<(), String> {
+        tx.send((seq, batch))
+            .map_err(|_| "workers stopped".to_string())?;
+        seq += 1;
+        Ok(())
+    };
+    let mut first_header: Option<Vec<u8>> = None;
     let mut done_bytes = 0u64;
     for path in paths {
         let (reader, count) = jsonfile::open(path)?;
-        let res =
-            jsonfile::for_each_record(&path.display().to_string(), reader, |_: Position, bytes| {
-                let start = batch.data.len();
-                batch.data.extend_from_slice(bytes);
-                batch.records.push((start, batch.data.len()));
-                if batch.data.len() >= BATCH_BYTES {
-                    progress.bytes(done_bytes + count.get());
-                    tx.send((seq, std::mem::take(&mut batch)))
-                        .map_err(|_| "workers stopped".to_string())?;
-                    seq += 1;
+        let mut batch: Option<Batch> = None;
+        // The first CSV header goes out before the first row; later files must agree.
+        let mut header = None;
+        input::for_each_record(path, reader, pointer, |item| {
+            let (key, bytes) = match item {
+                Item::Header(h) => {
+                    match &first_header {
+                        None => {
+                            first_header = Some(h.to_vec());
+                            header = Some(h.to_vec());
+                        }
+                        Some(first) if first != h => {
+                            return Err(format!(
+                                "{}: its CSV header differs from the first left file's",
+                                path.display()
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                    return Ok(());
                 }
-                Ok(())
+                Item::Record(key, bytes) => (key, bytes),
+            };
+            let b = batch.get_or_insert_with(|| Batch {
+                header: header.take(),
+                ..Batch::new(key.clone())
             });
-        res?;
+            let start = b.data.len();
+            b.data.extend_from_slice(bytes);
+            b.records.push((start, b.data.len()));
+            if b.data.len() >= BATCH_BYTES {
+                progress.bytes(done_bytes + count.get());
+                if let Some(full) = batch.take() {
+                    send(full)?;
+                }
+            }
+            Ok(())
+        })?;
+        // The file's last batch, or its header alone when it has no rows.
+        let last = batch.or_else(|| {
+            header.map(|h| Batch {
+                header: Some(h),
+                ..Batch::new(KeyOf::Column(0))
+            })
+        });
+        if let Some(b) = last {
+            send(b).map_err(AntijoinError::Worker)?;
+        }
         done_bytes += count.get();
-    }
-    if !batch.records.is_empty() {
-        tx.send((seq, batch))
-            .map_err(|_| AntijoinError::Worker("workers stopped".into()))?;
+        progress.bytes(done_bytes);
     }
     Ok(())
 }
 
-fn probe(batch: &Batch, key: &str, right: &RightSet, keys_only: bool) -> Done {
+fn probe(batch: Batch, right: &RightSet, keys_only: bool) -> Done {
     let mut done = Done {
+        header: batch.header,
         out: Vec::with_capacity(if keys_only { 0 } else { batch.data.len() / 4 }),
         missing_keys: Vec::new(),
         records: batch.records.len() as u64,
@@ -288,8 +359,8 @@ fn probe(batch: &Batch, key: &str, right: &RightSet, keys_only: bool) -> Done {
         let Some(rec) = batch.data.get(s..e) else {
             continue;
         };
-        match jsonkey::extract(rec, key) {
-            Err(err) => *done.rejected.entry(err.reason()).or_default() += 1,
+        match batch.key.extract(rec) {
+            Err(reason) => *done.rejected.entry(reason).or_default() += 1,
             Ok(k) => match right.contains(&k) {
                 Ok(true) => {}
                 Ok(false) => {

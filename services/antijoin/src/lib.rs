@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod files;
+pub mod input;
 pub mod right;
 pub mod stream;
 

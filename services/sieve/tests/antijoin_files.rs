@@ -265,3 +265,116 @@ fn a_field_name_is_a_key_and_a_wrong_key_fails_instead_of_an_empty_answer() -> R
     );
     Ok(())
 }
+
+#[test]
+fn csv_on_either_side_mixed_with_json_gives_the_same_answer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let spec = UsersSpec {
+        legacy: 3_000,
+        ids: 2_500,
+        ..Default::default()
+    };
+    let csv_row = |id: &str| format!("{id},\"{id}@legacy.example\",\"a, \"\"quoted\"\"\nnote\"");
+    let p = |name: &str| dir.path().join(name);
+    let mut legacy_csv = String::from("id,email,note\n");
+    for (id, _) in spec.legacy() {
+        legacy_csv.push_str(&csv_row(&id));
+        legacy_csv.push('\n');
+    }
+    std::fs::write(p("legacy.csv"), &legacy_csv)?;
+    let mut current_csv = String::from("name,id\r\n");
+    for (id, _) in spec.current() {
+        current_csv.push_str(&format!("x,{id}\r\n"));
+    }
+    std::fs::write(p("current.csv"), &current_csv)?;
+    write(
+        &p("legacy.ndjson"),
+        spec.legacy().map(|(_, r)| r),
+        false,
+        false,
+    )?;
+    write(
+        &p("current.ndjson"),
+        spec.current().map(|(_, r)| r),
+        false,
+        false,
+    )?;
+
+    let missing: Vec<String> = spec
+        .legacy()
+        .map(|(id, _)| id)
+        .filter(|id| !spec.is_current(id))
+        .collect();
+    let mut want_csv = String::from("id,email,note\n");
+    for id in &missing {
+        want_csv.push_str(&csv_row(id));
+        want_csv.push('\n');
+    }
+    for right in ["current.csv", "current.ndjson"] {
+        antijoin(&p("legacy.csv"), &p(right), &p("out.csv"), &["--key", "id"])?;
+        ensure!(
+            std::fs::read_to_string(p("out.csv"))? == want_csv,
+            "csv left, {right}"
+        );
+    }
+    antijoin(
+        &p("legacy.ndjson"),
+        &p("current.csv"),
+        &p("out.ndjson"),
+        &["--key", "id"],
+    )?;
+    let got = std::fs::read(p("out.ndjson"))?;
+    ensure!(got.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() == missing.len());
+    antijoin(
+        &p("legacy.csv"),
+        &p("current.csv"),
+        &p("keys"),
+        &["--key", "id", "--keys-only"],
+    )?;
+    let keys = std::fs::read_to_string(p("keys"))?;
+    let distinct: std::collections::BTreeSet<&String> = missing.iter().collect();
+    ensure!(
+        keys.lines().count() == distinct.len(),
+        "{} keys, {} distinct missing",
+        keys.lines().count(),
+        distinct.len()
+    );
+
+    // Clear errors naming the file: an unknown column, a nested pointer, mixed left formats.
+    let (code, err) = antijoin_run(
+        &p("legacy.csv"),
+        &p("current.csv"),
+        &p("o"),
+        &["--key", "uid"],
+    )?;
+    // The right side is read first.
+    ensure!(
+        code != 0 && err.contains("current.csv: no column \"uid\" in the header (name, id)"),
+        "{err}"
+    );
+    let (code, err) = antijoin_run(
+        &p("legacy.csv"),
+        &p("current.csv"),
+        &p("o"),
+        &["--key", "/a/b"],
+    )?;
+    ensure!(
+        code != 0 && err.contains("columns, not nested fields"),
+        "{err}"
+    );
+    let run = Command::new(BIN)
+        .args(["antijoin", "files", "--quiet", "--left"])
+        .arg(p("legacy.csv"))
+        .arg(p("legacy.ndjson"))
+        .arg("--right")
+        .arg(p("current.csv"))
+        .arg("--out")
+        .arg(p("o"))
+        .output()?;
+    let err = String::from_utf8_lossy(&run.stderr);
+    ensure!(
+        !run.status.success() && err.contains("mix CSV and JSON"),
+        "{err}"
+    );
+    Ok(())
+}

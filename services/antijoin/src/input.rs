@@ -1,0 +1,123 @@
+//! The file anti-join's inputs: JSON (NDJSON or an array) or CSV with a header row, chosen by
+//! file name (`.csv`, `.csv.gz`, `.csv.zst`), on either side; and how a side's key is found in
+//! its records.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use sieve_formats::{csvfile, jsonfile, jsonkey};
+
+use crate::error::{AntijoinError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Csv,
+}
+
+impl Format {
+    /// By name, compression suffixes aside; stdin (`-`) is JSON.
+    pub fn of(path: &Path) -> Format {
+        let name = path.to_string_lossy().to_ascii_lowercase();
+        let name = [".gz", ".zst", ".zstd"]
+            .iter()
+            .find_map(|ext| name.strip_suffix(ext))
+            .unwrap_or(&name);
+        if name.ends_with(".csv") {
+            Format::Csv
+        } else {
+            Format::Json
+        }
+    }
+}
+
+/// Where a side's key is in its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOf {
+    /// A JSON pointer into each record.
+    Pointer(String),
+    /// A CSV column, by position.
+    Column(usize),
+}
+
+impl KeyOf {
+    /// The key of one record, or the reason it has none.
+    pub fn extract(&self, record: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {
+        match self {
+            KeyOf::Pointer(p) => jsonkey::extract(record, p).map_err(|e| e.reason()),
+            KeyOf::Column(i) => match csvfile::nth_field(record, *i) {
+                Some(k) if !k.is_empty() => Ok(k),
+                _ => Err("missing_key"),
+            },
+        }
+    }
+}
+
+/// The column a `--key` names in a CSV header: a field name or a one-segment pointer.
+fn column(path: &Path, pointer: &str, header: &csvfile::Row<'_>) -> Result<usize> {
+    let name = pointer
+        .strip_prefix('/')
+        .filter(|n| !n.contains('/'))
+        .map(|n| n.replace("~1", "/").replace("~0", "~"))
+        .ok_or_else(|| {
+            AntijoinError::Input(format!(
+                "{}: a CSV file has columns, not nested fields: --key {pointer}",
+                path.display()
+            ))
+        })?;
+    let columns: Vec<String> = (0..header.len())
+        .map(|i| String::from_utf8_lossy(header.field(i).unwrap_or_default()).into_owned())
+        .collect();
+    columns.iter().position(|c| *c == name).ok_or_else(|| {
+        AntijoinError::Input(format!(
+            "{}: no column {name:?} in the header ({})",
+            path.display(),
+            columns.join(", ")
+        ))
+    })
+}
+
+/// What a file hands over, in order.
+pub enum Item<'a> {
+    /// A CSV file's header row, as in the file (before its first record).
+    Header(&'a [u8]),
+    /// One record and where its key is.
+    Record(&'a KeyOf, &'a [u8]),
+}
+
+/// Calls `f` for every item of `reader`, opened from `path` (`jsonfile::open`).
+pub fn for_each_record(
+    path: &Path,
+    reader: impl BufRead,
+    pointer: &str,
+    mut f: impl FnMut(Item<'_>) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let name = path.display().to_string();
+    match Format::of(path) {
+        Format::Json => {
+            let key = KeyOf::Pointer(pointer.to_string());
+            jsonfile::for_each_record(&name, reader, |_, rec| f(Item::Record(&key, rec)))?;
+        }
+        Format::Csv => {
+            let mut key = None;
+            let mut bad_header = None;
+            csvfile::for_each_row(&name, reader, |n, row| match &key {
+                _ if n == 0 => match column(path, pointer, row) {
+                    Ok(c) => {
+                        key = Some(KeyOf::Column(c));
+                        f(Item::Header(row.raw))
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        bad_header = Some(e);
+                        Err(message)
+                    }
+                },
+                Some(k) => f(Item::Record(k, row.raw)),
+                None => Ok(()),
+            })
+            .map_err(|e| bad_header.take().unwrap_or(AntijoinError::Read(e)))?;
+        }
+    }
+    Ok(())
+}
