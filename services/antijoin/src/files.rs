@@ -18,6 +18,7 @@ use sieve_core::telemetry::peak_rss_bytes;
 use sieve_formats::jsonfile;
 use sieve_formats::jsonkey;
 
+use crate::columnar;
 use crate::input::{self, Format, Item, KeyOf};
 
 use crate::error::{AntijoinError, Result};
@@ -151,8 +152,8 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
     let formats: Vec<Format> = args.left.iter().map(|p| Format::of(p)).collect();
     if formats.windows(2).any(|w| w[0] != w[1]) {
         return Err(AntijoinError::Input(
-            "the left files mix CSV and JSON; the output takes the left side's format, so \
-             give one format per run"
+            "the left files mix formats (JSON, CSV, Parquet); the output takes the left \
+             side's format, so give one format per run"
                 .into(),
         ));
     }
@@ -164,15 +165,11 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
     let right_key = args.right_key.clone().unwrap_or_else(|| args.key.clone());
     let mut right = RightSet::new();
     for path in &args.right {
-        let (reader, _) = jsonfile::open(path)?;
-        input::for_each_record(path, reader, &right_key, |item| {
-            let Item::Record(key, bytes) = item else {
-                return Ok(());
-            };
+        input::for_each_key(path, &right_key, |key| {
             summary.right_records += 1;
-            match key.extract(bytes) {
+            match key {
                 Ok(k) => right
-                    .insert(&k, budget / 2, &spill_dir)
+                    .insert(k, budget / 2, &spill_dir)
                     .map_err(|e| e.to_string()),
                 Err(reason) => {
                     *summary
@@ -204,71 +201,103 @@ pub fn run(args: &FilesArgs) -> Result<Summary> {
         .sum();
     let progress = Progress::new(total_bytes, args.quiet);
 
-    let out: Box<dyn Write> = if args.out.as_os_str() == "-" {
-        Box::new(std::io::stdout().lock())
+    let out: Box<dyn Write + Send> = if args.out.as_os_str() == "-" {
+        Box::new(std::io::stdout())
     } else {
         Box::new(std::fs::File::create(&args.out)?)
     };
-    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let mut out = Some(BufWriter::with_capacity(1 << 20, out));
     let mut counts = KeyCounts::new(budget / 2, &spill_dir);
 
-    std::thread::scope(|scope| -> Result<()> {
-        let (batch_tx, batch_rx) = bounded::<(u64, Batch)>(threads * 2);
-        let (done_tx, done_rx) = bounded::<(u64, Done)>(threads * 2);
-        let reader = scope.spawn(|| read_left(&args.left, &args.key, batch_tx, &progress));
-        let right = &right;
-        for _ in 0..threads {
-            let (rx, tx) = (batch_rx.clone(), done_tx.clone());
-            let keys_only = args.keys_only;
-            scope.spawn(move || {
-                for (seq, batch) in rx {
-                    let done = probe(batch, right, keys_only);
-                    if tx.send((seq, done)).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop((batch_rx, done_tx));
-        // Writer: results in input order; out-of-order batches wait in a bounded map.
-        let mut next = 0u64;
-        let mut waiting: BTreeMap<u64, Done> = BTreeMap::new();
-        let mut write_err = None;
-        for (seq, done) in done_rx {
-            waiting.insert(seq, done);
-            while let Some(d) = waiting.remove(&next) {
-                next += 1;
-                summary.left_records += d.records;
-                summary.emitted += d.emitted;
-                for (r, n) in d.rejected {
-                    *summary.rejected.entry(format!("left_{r}")).or_default() += n;
-                }
-                if let (Some(h), false) = (&d.header, args.keys_only) {
-                    if let Err(e) = out.write_all(h).and_then(|()| out.write_all(b"\n")) {
-                        write_err.get_or_insert(e.into());
-                    }
-                }
-                let res = if args.keys_only {
-                    d.missing_keys.iter().try_for_each(|k| counts.add(k))
+    if formats.first() == Some(&Format::Parquet) {
+        // Rows are columns here, not bytes: the left side streams as record batches into a
+        // Parquet writer (which then owns the output), or only its keys are counted.
+        let sink = match args.keys_only {
+            true => None,
+            false => out.take().map(|o| Box::new(o) as Box<dyn Write + Send>),
+        };
+        let left = columnar::left(
+            &args.left,
+            &args.key,
+            sink,
+            |k| Ok(!right.contains(k)?),
+            |reason| {
+                *summary
+                    .rejected
+                    .entry(format!("left_{reason}"))
+                    .or_default() += 1
+            },
+            |k| {
+                if args.keys_only {
+                    counts.add(k)
                 } else {
-                    out.write_all(&d.out).map_err(AntijoinError::from)
-                };
-                if let Err(e) = res {
-                    write_err.get_or_insert(e);
+                    Ok(())
                 }
-                progress.records(summary.left_records);
+            },
+        )?;
+        summary.left_records = left.records;
+        summary.emitted = left.emitted;
+    } else if let Some(out) = out.as_mut() {
+        std::thread::scope(|scope| -> Result<()> {
+            let (batch_tx, batch_rx) = bounded::<(u64, Batch)>(threads * 2);
+            let (done_tx, done_rx) = bounded::<(u64, Done)>(threads * 2);
+            let reader = scope.spawn(|| read_left(&args.left, &args.key, batch_tx, &progress));
+            let right = &right;
+            for _ in 0..threads {
+                let (rx, tx) = (batch_rx.clone(), done_tx.clone());
+                let keys_only = args.keys_only;
+                scope.spawn(move || {
+                    for (seq, batch) in rx {
+                        let done = probe(batch, right, keys_only);
+                        if tx.send((seq, done)).is_err() {
+                            break;
+                        }
+                    }
+                });
             }
-        }
-        reader
-            .join()
-            .map_err(|_| AntijoinError::Worker("reader panicked".into()))??;
-        write_err.map_or(Ok(()), Err)
-    })?;
-
-    if args.keys_only {
-        summary.distinct_missing_keys = Some(counts.write_sorted(&mut out)?);
+            drop((batch_rx, done_tx));
+            // Writer: results in input order; out-of-order batches wait in a bounded map.
+            let mut next = 0u64;
+            let mut waiting: BTreeMap<u64, Done> = BTreeMap::new();
+            let mut write_err = None;
+            for (seq, done) in done_rx {
+                waiting.insert(seq, done);
+                while let Some(d) = waiting.remove(&next) {
+                    next += 1;
+                    summary.left_records += d.records;
+                    summary.emitted += d.emitted;
+                    for (r, n) in d.rejected {
+                        *summary.rejected.entry(format!("left_{r}")).or_default() += n;
+                    }
+                    if let (Some(h), false) = (&d.header, args.keys_only) {
+                        if let Err(e) = out.write_all(h).and_then(|()| out.write_all(b"\n")) {
+                            write_err.get_or_insert(e.into());
+                        }
+                    }
+                    let res = if args.keys_only {
+                        d.missing_keys.iter().try_for_each(|k| counts.add(k))
+                    } else {
+                        out.write_all(&d.out).map_err(AntijoinError::from)
+                    };
+                    if let Err(e) = res {
+                        write_err.get_or_insert(e);
+                    }
+                    progress.records(summary.left_records);
+                }
+            }
+            reader
+                .join()
+                .map_err(|_| AntijoinError::Worker("reader panicked".into()))??;
+            write_err.map_or(Ok(()), Err)
+        })?;
     }
-    out.flush()?;
+
+    if let Some(mut out) = out {
+        if args.keys_only {
+            summary.distinct_missing_keys = Some(counts.write_sorted(&mut out)?);
+        }
+        out.flush()?;
+    }
     progress.finish();
     summary.elapsed = started.elapsed();
     summary.peak_rss_bytes = peak_rss_bytes();

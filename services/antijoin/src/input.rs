@@ -7,16 +7,18 @@ use std::path::Path;
 
 use sieve_formats::{csvfile, jsonfile, jsonkey};
 
+use crate::columnar;
 use crate::error::{AntijoinError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Json,
     Csv,
+    Parquet,
 }
 
 impl Format {
-    /// By name, compression suffixes aside; stdin (`-`) is JSON.
+    /// By name, compression suffixes aside (Parquet compresses inside); stdin (`-`) is JSON.
     pub fn of(path: &Path) -> Format {
         let name = path.to_string_lossy().to_ascii_lowercase();
         let name = [".gz", ".zst", ".zstd"]
@@ -25,6 +27,8 @@ impl Format {
             .unwrap_or(&name);
         if name.ends_with(".csv") {
             Format::Csv
+        } else if name.ends_with(".parquet") {
+            Format::Parquet
         } else {
             Format::Json
         }
@@ -55,16 +59,7 @@ impl KeyOf {
 
 /// The column a `--key` names in a CSV header: a field name or a one-segment pointer.
 fn column(path: &Path, pointer: &str, header: &csvfile::Row<'_>) -> Result<usize> {
-    let name = pointer
-        .strip_prefix('/')
-        .filter(|n| !n.contains('/'))
-        .map(|n| n.replace("~1", "/").replace("~0", "~"))
-        .ok_or_else(|| {
-            AntijoinError::Input(format!(
-                "{}: a CSV file has columns, not nested fields: --key {pointer}",
-                path.display()
-            ))
-        })?;
+    let name = columnar::column_name(path, pointer)?;
     let columns: Vec<String> = (0..header.len())
         .map(|i| String::from_utf8_lossy(header.field(i).unwrap_or_default()).into_owned())
         .collect();
@@ -85,7 +80,24 @@ pub enum Item<'a> {
     Record(&'a KeyOf, &'a [u8]),
 }
 
-/// Calls `f` for every item of `reader`, opened from `path` (`jsonfile::open`).
+/// Calls `f` with the key of every record of `path` (or the reason it has none), any format.
+pub fn for_each_key(
+    path: &Path,
+    pointer: &str,
+    mut f: impl FnMut(std::result::Result<&[u8], &'static str>) -> std::result::Result<(), String>,
+) -> Result<()> {
+    if Format::of(path) == Format::Parquet {
+        return columnar::for_each_key(path, pointer, |k| f(k).map_err(AntijoinError::Input));
+    }
+    let (reader, _) = jsonfile::open(path)?;
+    for_each_record(path, reader, pointer, |item| match item {
+        Item::Header(_) => Ok(()),
+        Item::Record(key, bytes) => f(key.extract(bytes).as_deref().map_err(|r| *r)),
+    })
+}
+
+/// Calls `f` for every item of `reader`, opened from `path` (`jsonfile::open`); Parquet is
+/// read by column (`columnar`), not here.
 pub fn for_each_record(
     path: &Path,
     reader: impl BufRead,
@@ -97,6 +109,11 @@ pub fn for_each_record(
         Format::Json => {
             let key = KeyOf::Pointer(pointer.to_string());
             jsonfile::for_each_record(&name, reader, |_, rec| f(Item::Record(&key, rec)))?;
+        }
+        Format::Parquet => {
+            return Err(AntijoinError::Input(format!(
+                "{name}: Parquet is read by column, not record by record"
+            )))
         }
         Format::Csv => {
             let mut key = None;

@@ -3,6 +3,7 @@
 //! `files` answers it over files with memory independent of the left input's size;
 //! `stream` answers it continuously over topics.
 
+pub mod columnar;
 pub mod error;
 pub mod files;
 pub mod input;

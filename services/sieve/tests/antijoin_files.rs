@@ -373,7 +373,7 @@ fn csv_on_either_side_mixed_with_json_gives_the_same_answer() -> Result<()> {
         .output()?;
     let err = String::from_utf8_lossy(&run.stderr);
     ensure!(
-        !run.status.success() && err.contains("mix CSV and JSON"),
+        !run.status.success() && err.contains("left files mix formats"),
         "{err}"
     );
     Ok(())
