@@ -96,16 +96,22 @@ class Report:
             self.add(f"Skipped: {', '.join(doc['skipped'])}.", "")
         for f in doc.get("failed", []):
             self.add(f"Failed, left out: `{f}`", "")
+        def duck_for(run, t):
+            """DuckDB on the same input as `t` (NDJSON's for a JSON array)."""
+            want = t["input"] if t["input"] in ("csv", "parquet") else "ndjson"
+            return next((d for d in run["tools"]
+                         if d["tool"].startswith("DuckDB") and d["input"] == want), None)
+
         for run in doc["runs"]:
-            duck = next((t for t in run["tools"] if t["tool"].startswith("DuckDB")), None)
             self.add(f"{fmt(run['legacy_records'])} legacy records ({fmt(run['legacy_mib'])} MiB "
                      f"NDJSON) against {fmt(run['current_ids'])} current ids:", "")
             self.add(table(["tool", "input", "seconds", "peak RSS MiB", "missing",
-                            "time × DuckDB", "RSS × DuckDB"],
+                            "time × DuckDB (same input)", "RSS × DuckDB"],
                            [[t["tool"], t["input"], fmt(t["seconds"], 2), fmt(t["peak_rss_mib"]),
                              fmt(t["missing"]),
-                             fmt(ratio(t["seconds"], duck and duck["seconds"]), 2),
-                             fmt(ratio(t["peak_rss_mib"], duck and duck["peak_rss_mib"]), 2)]
+                             fmt(ratio(t["seconds"], (duck_for(run, t) or {}).get("seconds")), 2),
+                             fmt(ratio(t["peak_rss_mib"],
+                                       (duck_for(run, t) or {}).get("peak_rss_mib")), 2)]
                             for t in run["tools"]]), "")
         big = doc["runs"][-1]
         sieve = big["tools"][0]

@@ -59,6 +59,31 @@ duckdb.connect().execute(f'''COPY (SELECT l.* FROM read_ndjson('{legacy}') l
   TO '{out}' (FORMAT JSON)''')
 """
 
+# The same question over CSV and Parquet files, and the conversion that makes them from the
+# generated NDJSON (DuckDB writes both; sieve and DuckDB then read the same bytes).
+DUCKDB_FORMATS = {
+    "csv": ("read_csv", "(FORMAT CSV, HEADER)"),
+    "parquet": ("read_parquet", "(FORMAT PARQUET)"),
+}
+DUCKDB_AS = """
+import duckdb, sys
+reader, options, legacy, current, out = sys.argv[1:]
+duckdb.connect().execute(f'''COPY (SELECT l.* FROM {reader}('{legacy}') l
+  WHERE NOT EXISTS (SELECT 1 FROM {reader}('{current}') c WHERE c.id = l.id))
+  TO '{out}' {options}''')
+"""
+DUCKDB_CONVERT = """
+import duckdb, sys
+src, csv, parquet = sys.argv[1:]
+con = duckdb.connect()
+con.execute(f"COPY (SELECT * FROM read_ndjson('{src}')) TO '{csv}' (FORMAT CSV, HEADER)")
+con.execute(f"COPY (SELECT * FROM read_ndjson('{src}')) TO '{parquet}' (FORMAT PARQUET)")
+"""
+DUCKDB_COUNT = """
+import duckdb, sys
+print(duckdb.sql(f"SELECT count(*) FROM read_parquet('{sys.argv[1]}')").fetchall()[0][0])
+"""
+
 # The JVM is a child of this script: closing its stdin ends it and the wait lets GNU time
 # count its peak RSS (a waited-for child's) along with Python's.
 SPARK = """
@@ -96,6 +121,15 @@ def lines(path):
     return sum(sum(1 for _ in open(f, "rb")) for f in files)
 
 
+def records(path, fmt):
+    """Records in a tool's output: lines, less the CSV header, or Parquet's row count."""
+    if fmt == "parquet":
+        out = subprocess.run([sys.executable, "-c", DUCKDB_COUNT, path], check=True,
+                             capture_output=True, text=True)
+        return int(out.stdout)
+    return lines(path) - (1 if fmt == "csv" else 0)
+
+
 def antijoin_files(ctx):
     """Workload 1 (and 6 for the file side): legacy users minus current users, every tool on
     the same generated files, at 1x, 10x and 100x."""
@@ -126,6 +160,19 @@ def antijoin_files(ctx):
         if duck:
             tools.append(("DuckDB NOT EXISTS over read_ndjson", "ndjson",
                           lambda o: [sys.executable, "-c", DUCKDB, *nd, o]))
+            # CSV and Parquet: sieve and DuckDB on the same files, DuckDB writing them.
+            for side in ("legacy", "current"):
+                subprocess.run([sys.executable, "-c", DUCKDB_CONVERT, str(work / f"{side}.ndjson"),
+                                str(work / f"{side}.csv"), str(work / f"{side}.parquet")],
+                               check=True)
+            for ext, (reader, options) in DUCKDB_FORMATS.items():
+                files = (str(work / f"legacy.{ext}"), str(work / f"current.{ext}"))
+                tools.append(("sieve antijoin files", ext,
+                              lambda o, f=files: [str(ctx.sieve), "antijoin", "files", "--left",
+                                                  f[0], "--right", f[1], "--out", o, "--quiet"]))
+                tools.append((f"DuckDB NOT EXISTS over {reader}", ext,
+                              lambda o, f=files, r=reader, opt=options:
+                              [sys.executable, "-c", DUCKDB_AS, r, opt, *f, o]))
         if spark and n == sizes[-1]:
             tools.append(("PySpark local, broadcast + left_anti", "ndjson",
                           lambda o: [sys.executable, "-c", SPARK, *nd, o]))
@@ -144,7 +191,7 @@ def antijoin_files(ctx):
                 failed.append(f"{tool} at {n}: {str(e)[-300:]}")
                 continue
             rows.append({"tool": tool, "input": fmt, "seconds": secs, "peak_rss_mib": rss,
-                         "missing": lines(out)})
+                         "missing": records(out, fmt)})
         answers = {r["missing"] for r in rows}
         runs.append({"legacy_records": n, "current_ids": n // 10,
                      "legacy_mib": (work / "legacy.ndjson").stat().st_size / 2**20,

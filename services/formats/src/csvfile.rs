@@ -3,6 +3,7 @@
 //! fields. Memory does not depend on file size; a row is bounded by [`MAX_ROW_BYTES`], so an
 //! unterminated quote is an error naming the row instead of the whole file read as one field.
 
+use std::cell::RefCell;
 use std::io::BufRead;
 
 use csv_core::{ReadFieldResult, ReadRecordResult, Reader};
@@ -90,9 +91,22 @@ pub fn for_each_row<R: BufRead>(
     }
 }
 
+thread_local! {
+    // Building a csv-core reader builds its state machine: about as costly as parsing a row,
+    // so each thread keeps one.
+    static FIELDS: RefCell<Reader> = RefCell::new(Reader::new());
+}
+
 /// Field `n` (unescaped) of one row's bytes, `None` when the row has fewer fields.
 pub fn nth_field(row: &[u8], n: usize) -> Option<Vec<u8>> {
-    let mut csv = Reader::new();
+    FIELDS.with(|csv| {
+        let mut csv = csv.borrow_mut();
+        csv.reset();
+        nth_field_with(&mut csv, row, n)
+    })
+}
+
+fn nth_field_with(csv: &mut Reader, row: &[u8], n: usize) -> Option<Vec<u8>> {
     let (mut input, mut buf) = (row, [0u8; 4096]);
     let (mut field, mut i) = (Vec::new(), 0);
     loop {
