@@ -363,6 +363,7 @@ fn read_left(
         let last = batch.or_else(|| {
             header.map(|h| Batch {
                 header: Some(h),
+                // No records to key: any key will do.
                 ..Batch::new(KeyOf::Column(0))
             })
         });

@@ -1,6 +1,7 @@
-//! The file anti-join's inputs: JSON (NDJSON or an array) or CSV with a header row, chosen by
-//! file name (`.csv`, `.csv.gz`, `.csv.zst`), on either side; and how a side's key is found in
-//! its records.
+//! The file anti-join's inputs: JSON (NDJSON or an array), CSV with a header row, or Parquet,
+//! chosen by file name (`.csv`, `.csv.gz`, `.csv.zst`, `.parquet`), on either side; and how a
+//! side's key is found in its records. JSON and CSV are read record by record here; Parquet
+//! by column (`columnar`).
 
 use std::io::BufRead;
 use std::path::Path;
