@@ -12,7 +12,6 @@ use rdkafka::producer::DeliveryFuture;
 use rdkafka::TopicPartitionList;
 
 use super::{add_commit, Engine, Queued};
-use crate::commit::{commit_logged, settle_changelog};
 use crate::error::Result;
 use crate::failpoint;
 use crate::metrics::{self, Skipped};
@@ -108,9 +107,7 @@ impl<F: OperatorFactory> Engine<F> {
         }
         for tp in touched {
             if let Some(part) = self.partitions.get_mut(tp) {
-                if let Some(pos) = settle_changelog(std::mem::take(&mut part.pending_changelog))? {
-                    part.meta.changelog_pos = pos;
-                }
+                part.settle_changelog()?;
             }
         }
         failpoint::hit("after_outputs_acked");
@@ -145,15 +142,7 @@ impl<F: OperatorFactory> Engine<F> {
                 }
             }
             if exactly_once || !part.changes.is_empty() {
-                part.pending_changelog = commit_logged(
-                    &self.producer,
-                    &self.group,
-                    tp,
-                    &mut part.store,
-                    &part.changes,
-                    &mut part.meta,
-                    "after_state_committed",
-                )?;
+                part.commit_logged(&self.producer, &self.group, tp, "after_state_committed")?;
             } else {
                 part.store.commit(&part.changes, &part.meta)?;
             }

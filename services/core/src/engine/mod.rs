@@ -37,6 +37,7 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 
 use crate::changelog;
+use crate::commit;
 use crate::config::{Guarantee, ServiceArgs};
 use crate::error::{CoreError, Result};
 use crate::group_watch::GroupWatch;
@@ -64,6 +65,38 @@ struct Partition<O> {
     pending_changelog: Vec<DeliveryFuture>,
     /// Highest acknowledged offset per output partition in the current batch.
     acked: BTreeMap<TopicPartition, i64>,
+}
+
+impl<O> Partition<O> {
+    /// Commits the pending changes under a fresh commit id, locally and as a changelog group
+    /// whose writes the next settle waits for (see `commit.rs`).
+    fn commit_logged(
+        &mut self,
+        producer: &FutureProducer,
+        group: &str,
+        tp: &TopicPartition,
+        failpoint: &str,
+    ) -> Result<()> {
+        self.pending_changelog = commit::commit_logged(
+            producer,
+            group,
+            tp,
+            &mut self.store,
+            &self.changes,
+            &mut self.meta,
+            failpoint,
+        )?;
+        Ok(())
+    }
+
+    /// Waits for the changelog writes of the last commit; the store then reflects the
+    /// changelog up to after them.
+    fn settle_changelog(&mut self) -> Result<()> {
+        if let Some(pos) = commit::settle_changelog(std::mem::take(&mut self.pending_changelog))? {
+            self.meta.changelog_pos = pos;
+        }
+        Ok(())
+    }
 }
 
 /// Outputs queued in a batch: which input partition made each, to which topic.

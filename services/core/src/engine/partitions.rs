@@ -10,7 +10,6 @@ use rdkafka::TopicPartitionList;
 
 use super::{add_commit, Engine, Partition};
 use crate::changelog;
-use crate::commit::{commit_logged, settle_changelog};
 use crate::error::{CoreError, Result};
 use crate::kafka::retry_transient;
 use crate::metrics;
@@ -164,26 +163,14 @@ impl<F: OperatorFactory> Engine<F> {
                 );
                 continue;
             }
-            if let Some(pos) = settle_changelog(std::mem::take(&mut part.pending_changelog))? {
-                part.meta.changelog_pos = pos;
-            }
+            part.settle_changelog()?;
             operator::flush(&mut part.op, &part.store, &mut part.changes, true)?;
             // Outputs found by a recovery scan but not re-encountered yet keep the partition
             // dirty, so the next owner scans for them again.
             part.meta.clean = part.already_written.is_empty();
             if self.exactly_once() {
-                let pending = commit_logged(
-                    &self.producer,
-                    &self.group,
-                    tp,
-                    &mut part.store,
-                    &part.changes,
-                    &mut part.meta,
-                    "after_close_committed",
-                )?;
-                if let Some(pos) = settle_changelog(pending)? {
-                    part.meta.changelog_pos = pos;
-                }
+                part.commit_logged(&self.producer, &self.group, tp, "after_close_committed")?;
+                part.settle_changelog()?;
                 part.store.commit(&Changes::default(), &part.meta)?;
             } else {
                 part.store.commit(&part.changes, &part.meta)?;
