@@ -109,6 +109,10 @@ pub struct FileArgs {
     /// Ignore any checkpoint and load from the start.
     #[arg(long)]
     pub restart: bool,
+    /// Time between checkpoint writes: what a rerun after a crash produces again is at most
+    /// this much of the load.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub checkpoint_every: Duration,
     /// Fail (exit 2) when rejected / read exceeds this share.
     #[arg(long, default_value_t = 0.01)]
     pub max_error_rate: f64,

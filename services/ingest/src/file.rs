@@ -282,7 +282,7 @@ impl Load<'_> {
         while self.pending.len() >= self.args.inflight_records.max(1) {
             self.settle_front()?;
         }
-        if self.last_save.elapsed() >= Duration::from_secs(1) {
+        if self.last_save.elapsed() >= self.args.checkpoint_every {
             self.save(false)?;
         }
         Ok(())

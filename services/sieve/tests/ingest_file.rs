@@ -198,7 +198,13 @@ fn killed_loader_resumes_and_the_topic_deduplicated_equals_the_input() -> Result
     write_array(&array, n, 0, 0)?;
     let cps = s.dir.path().join("checkpoints");
     let mut child = s
-        .command("anon", &[&array], &["--inflight-records", "2000"])
+        // Kafka takes 150 000 records in about a second: few records in flight and a
+        // checkpoint every 10 ms leave seconds between the first checkpoint and the end.
+        .command(
+            "anon",
+            &[&array],
+            &["--inflight-records", "200", "--checkpoint-every", "10ms"],
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
