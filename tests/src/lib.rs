@@ -3,11 +3,12 @@
 //!
 //! Every helper waits for a condition with a deadline; none sleeps and hopes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -188,6 +189,9 @@ pub struct TestRecord<'a> {
     pub timestamp_ms: Option<i64>,
 }
 
+/// Per partition of a topic: the offset counted up to, and the records seen before it.
+type Counted = BTreeMap<i32, (i64, i64)>;
+
 /// An Apache Kafka node (KRaft, broker and controller in one JVM) on loopback, with its data
 /// in a temporary directory; SIGKILLed when dropped.
 pub struct Broker {
@@ -197,6 +201,7 @@ pub struct Broker {
     dir: tempfile::TempDir,
     /// Started by someone else (librdkafka's mock cluster): never spawned or killed here.
     external: bool,
+    counted: Mutex<HashMap<String, Counted>>,
 }
 
 impl Broker {
@@ -212,6 +217,7 @@ impl Broker {
                 controller_port: free_port(),
                 dir: tempfile::tempdir()?,
                 external: false,
+                counted: Mutex::default(),
             };
             match b.spawn() {
                 Ok(()) => return Ok(b),
@@ -237,6 +243,7 @@ impl Broker {
             controller_port: 0,
             dir: tempfile::tempdir()?,
             external: true,
+            counted: Mutex::default(),
         })
     }
 
@@ -455,8 +462,33 @@ impl Broker {
         Ok(out)
     }
 
+    /// Records of `topic` a `read_committed` consumer sees now. Not the end offsets: a
+    /// transaction's commit or abort marker takes an offset, and aborted records are never
+    /// seen. Counted by reading, from where the last call stopped.
     pub fn count(&self, topic: &str) -> Result<i64> {
-        Ok(self.end_offsets(topic)?.values().sum())
+        let clients = self.clients();
+        let reader = clients.reader()?;
+        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        let parts = counted.entry(topic.to_string()).or_default();
+        for (p, end) in self.end_offsets(topic)? {
+            let (from, n) = parts.entry(p).or_insert((0, 0));
+            let mut seen = 0;
+            sieve_core::read::read_range(
+                &reader,
+                topic,
+                p,
+                *from,
+                end,
+                Duration::from_secs(30),
+                |_| {
+                    seen += 1;
+                    Ok(())
+                },
+            )?;
+            *from = (*from).max(end);
+            *n += seen;
+        }
+        Ok(parts.values().map(|(_, n)| n).sum())
     }
 
     /// Every record of every partition of `topic`, partition by partition, in offset order.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use rdkafka::message::{Message, OwnedMessage};
 use sieve_tests::{service_args, unique, wait_for, Broker, Service};
 
@@ -467,14 +467,18 @@ fn metrics_show_lag_throughput_and_readiness() -> Result<()> {
     s.wait_output(5_000, &mut svc)?;
     let input_label = format!("topic=\"{}\"", s.input);
     let output_label = format!("topic=\"{}\"", s.output);
-    wait_for("metrics", Duration::from_secs(30), || {
+    let mut last = String::new();
+    let seen = wait_for("metrics", Duration::from_secs(30), || {
         let (_, body) = svc.get("/metrics")?;
+        last = body.clone();
         let inn = sieve_tests::metric_value(&body, "sieve_records_in_total", &[&input_label])?;
         let out = sieve_tests::metric_value(&body, "sieve_records_out_total", &[&output_label])?;
         let lag = sieve_tests::metric_value(&body, "sieve_consumer_lag", &[&input_label])?;
         let paused = sieve_tests::metric_value(&body, "sieve_paused_partitions", &[])?;
         (inn == 5000.0 && out == 5000.0 && lag == 0.0 && paused == 0.0).then_some(())
-    })?;
+    });
+    let sieve_lines: Vec<&str> = last.lines().filter(|l| l.starts_with("sieve_")).collect();
+    seen.with_context(|| sieve_lines.join("\n"))?;
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
     Ok(())
 }

@@ -54,12 +54,17 @@ pub enum LogFormat {
     Json,
 }
 
-/// Which delivery guarantee a processor gives.
+/// Which delivery guarantee a processor gives (docs/exactly-once.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Guarantee {
-    /// Deterministic output ids, state and offsets in one RocksDB batch, recovery scan of the
-    /// output tails: every output appears once, on any Kafka-protocol broker.
+    /// Kafka transactions: each batch's outputs, DLQ records, changelog and input offsets
+    /// commit or abort together, and a zombie instance is fenced by the broker. Falls back to
+    /// `exactly-once-ids` on a broker without the transaction APIs.
     ExactlyOnce,
+    /// Without broker transactions: deterministic output ids, state and offsets in one
+    /// RocksDB batch, recovery scan of the output tails. Every output appears once after
+    /// crashes, on any Kafka-protocol broker; a zombie is not fenced.
+    ExactlyOnceIds,
     /// Offsets committed after outputs are acknowledged; a crash may repeat outputs.
     AtLeastOnce,
 }
@@ -80,6 +85,11 @@ pub struct ServiceArgs {
     pub log_format: LogFormat,
     #[arg(long, env = "SIEVE_GUARANTEE", value_enum, default_value_t = Guarantee::ExactlyOnce)]
     pub guarantee: Guarantee,
+    /// This instance's stable name within the group (a StatefulSet pod name): it names the
+    /// transactional producer, so a restarted instance fences its former self. Default: the
+    /// host name and a hash of the state directory.
+    #[arg(long, env = "SIEVE_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Most records taken into one processing batch (the in-flight budget).
     #[arg(long, env = "SIEVE_BATCH_RECORDS", default_value_t = 5_000)]
     pub batch_records: usize,

@@ -53,6 +53,22 @@ impl Clients {
     /// Producer: idempotent, `acks=all`, infinite-by-default retries inside the delivery
     /// timeout, lz4 batches. An output is only counted once the broker acknowledged it.
     pub fn producer_config(&self) -> ClientConfig {
+        let mut c = self.producer_base();
+        c.set("message.timeout.ms", "120000");
+        self.finish(c)
+    }
+
+    /// Transactional producer named `id`. Its transactions time out after 10 s, as Kafka
+    /// Streams' do: a crashed instance holds `read_committed` readers of what it wrote that
+    /// long. librdkafka bounds message delivery by the same time.
+    pub fn transactional_producer_config(&self, id: &str) -> ClientConfig {
+        let mut c = self.producer_base();
+        c.set("transactional.id", id)
+            .set("transaction.timeout.ms", "10000");
+        self.finish(c)
+    }
+
+    fn producer_base(&self) -> ClientConfig {
         let mut c = self.base();
         // Same key, same partition as Kafka's Java producer (murmur2): dedup's one owner per
         // key and the co-partitioned anti-join rely on every producer of a topic agreeing.
@@ -62,9 +78,8 @@ impl Clients {
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")
             .set("compression.type", "lz4")
-            .set("queue.buffering.max.messages", "200000")
-            .set("message.timeout.ms", "120000");
-        self.finish(c)
+            .set("queue.buffering.max.messages", "200000");
+        c
     }
 
     /// Group consumer with manual offsets: nothing is committed or stored automatically.
@@ -88,6 +103,9 @@ impl Clients {
             .set("fetch.max.bytes", "1048576")
             .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
             .set("enable.partition.eof", "false")
+            // librdkafka's default, said here because exactly-once depends on it: records of
+            // open or aborted transactions are never handed to sieve.
+            .set("isolation.level", "read_committed")
             // Per-partition lag for the sieve_consumer_lag gauge.
             .set("statistics.interval.ms", "5000");
         self.finish(c)
@@ -97,6 +115,12 @@ impl Clients {
     pub fn reader_config(&self) -> ClientConfig {
         let mut c = self.base();
         c.set("group.id", "sieve-reader")
+            .set("isolation.level", "read_committed")
+            // A range read ends at the partition's end, which it learns from an empty fetch:
+            // under transactions the last offset is a commit marker that is never handed
+            // over, so every read waits for that answer (librdkafka's default 500 ms wait
+            // made a read of 8 small partitions take 9 s).
+            .set("fetch.wait.max.ms", "10")
             .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -107,6 +131,11 @@ impl Clients {
     pub fn producer(&self) -> Result<FutureProducer> {
         FutureProducer::from_config(&self.producer_config())
             .map_err(|e| config_or_kafka("create producer", e))
+    }
+
+    pub fn transactional_producer(&self, id: &str) -> Result<FutureProducer> {
+        FutureProducer::from_config(&self.transactional_producer_config(id))
+            .map_err(|e| config_or_kafka("create transactional producer", e))
     }
 
     pub fn consumer<C: ConsumerContext>(&self, group: &str, ctx: C) -> Result<BaseConsumer<C>> {
@@ -264,15 +293,17 @@ pub fn replication_factor(t: &MetadataTopic) -> i32 {
 /// host and process of each member. Worked out once per process.
 pub fn client_id() -> &'static str {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "unknown-host".into());
-        format!("sieve@{host}/pid={}", std::process::id())
-    })
+    ID.get_or_init(|| format!("sieve@{}/pid={}", host_name(), std::process::id()))
+}
+
+/// The host's name (a StatefulSet pod's name in Kubernetes).
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
 }
 
 /// librdkafka reports unknown or invalid properties at client creation: show them as

@@ -28,5 +28,6 @@ pub mod telemetry;
 pub mod testing;
 pub mod topic_partition;
 pub mod topics;
+pub mod transaction;
 
 pub use error::{CoreError, Result};

@@ -39,6 +39,7 @@ pub mod names {
     pub const STARVATION_GUARD: &str = "sieve_starvation_guard_total";
     pub const REPLAYS: &str = "sieve_replays_total";
     pub const REPLAY_WARMUP_RECORDS: &str = "sieve_replay_warmup_records_total";
+    pub const TRANSACTIONS: &str = "sieve_transactions_total";
 }
 
 use names::*;
@@ -52,6 +53,10 @@ pub(crate) fn describe() {
     describe_counter!(
         REPLAY_WARMUP_RECORDS,
         "Input records re-read before a replay offset to rebuild state, outputs discarded."
+    );
+    describe_counter!(
+        TRANSACTIONS,
+        "Kafka transactions of the exactly-once mode by outcome: committed, aborted (a failure; the batch is processed again), fenced (the producer was replaced)."
     );
     describe_counter!(RECORDS_IN, "Input records taken into processing, by topic.");
     describe_counter!(
@@ -141,6 +146,7 @@ pub(crate) enum ErrorKind {
     Rebalance,
     Produce,
     SideConsume,
+    Transaction,
 }
 
 impl ErrorKind {
@@ -152,8 +158,26 @@ impl ErrorKind {
             ErrorKind::Rebalance => "rebalance",
             ErrorKind::Produce => "produce",
             ErrorKind::SideConsume => "side_consume",
+            ErrorKind::Transaction => "transaction",
         }
     }
+}
+
+/// How a transaction ended (the `outcome` label of `sieve_transactions_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TxnOutcome {
+    Committed,
+    Aborted,
+    Fenced,
+}
+
+pub(crate) fn transaction(outcome: TxnOutcome) {
+    let outcome = match outcome {
+        TxnOutcome::Committed => "committed",
+        TxnOutcome::Aborted => "aborted",
+        TxnOutcome::Fenced => "fenced",
+    };
+    counter!(TRANSACTIONS, "outcome" => outcome).increment(1);
 }
 
 /// Why records counted in `sieve_records_skipped_total` were skipped (its `reason` label).

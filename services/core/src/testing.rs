@@ -237,6 +237,7 @@ pub fn temp_service(group: &str) -> Result<(TempDir, ServiceArgs)> {
         metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         log_format: LogFormat::Text,
         guarantee: Guarantee::ExactlyOnce,
+        instance_id: None,
         batch_records: 5_000,
         batch_linger: Duration::from_millis(50),
         state_memory_mb: 64,

@@ -213,6 +213,7 @@ fn service_args(guarantee: Guarantee, dir: &std::path::Path) -> Result<ServiceAr
         metrics_addr: "127.0.0.1:0".parse()?,
         log_format: LogFormat::Text,
         guarantee,
+        instance_id: None,
         batch_records: 5_000,
         batch_linger: Duration::from_millis(50),
         state_memory_mb: 64,

@@ -1,6 +1,7 @@
 //! One batch: each record through its partition's operator, outputs produced with their ids
-//! (skipping those a recovery scan found already written), then, once every output is
-//! acknowledged, each touched partition committed.
+//! (skipping those a recovery scan found already written), then each touched partition
+//! committed: in one Kafka transaction with the outputs and then locally (`exactly-once`),
+//! or locally and then to the changelog once every output is acknowledged (the other modes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -21,12 +22,28 @@ use crate::record::OutputId;
 use crate::topic_partition::TopicPartition;
 
 impl<F: OperatorFactory> Engine<F> {
-    /// Processes one batch to completion; returns the offsets to commit to the group.
-    pub(super) fn process_batch(
+    /// Processes what one poll brought: side records first, then the batch. Returns the
+    /// offsets to commit to the group (none under `exactly-once`: transactions commit them).
+    pub(super) fn process_polled(
         &mut self,
+        side_records: Vec<OwnedMessage>,
         batch: &mut Vec<OwnedMessage>,
-    ) -> Result<TopicPartitionList> {
+    ) -> Result<Vec<TopicPartitionList>> {
+        let mut commits = Vec::new();
+        if !side_records.is_empty() {
+            commits.push(self.process_side(side_records)?);
+        }
+        if !batch.is_empty() {
+            commits.push(self.process_batch(batch)?);
+        }
+        Ok(commits)
+    }
+
+    /// Processes one batch to completion; returns the offsets to commit to the group.
+    fn process_batch(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<TopicPartitionList> {
         let started = Instant::now();
+        self.begin()?;
+        let producer = self.producer();
         let mut queued: Queued = Vec::with_capacity(batch.len());
         let mut touched: Vec<TopicPartition> = Vec::new();
         let mut outputs = Vec::new();
@@ -60,7 +77,7 @@ impl<F: OperatorFactory> Engine<F> {
                     offset: msg.offset(),
                     index,
                 };
-                let fut = send_output(&self.producer, &out, Some(&id))?;
+                let fut = send_output(&producer, &out, Some(&id))?;
                 queued.push(((tp.clone(), out.topic), fut));
             }
             part.meta.next_offset = msg.offset() + 1;
@@ -83,9 +100,57 @@ impl<F: OperatorFactory> Engine<F> {
         Ok(commits)
     }
 
-    /// Waits for a batch's outputs (and the touched partitions' previous changelog), then
-    /// commits each touched partition; returns the offsets to commit to the group.
+    /// Commits a batch whose outputs are queued; returns the offsets to commit to the group.
     pub(super) fn finish_batch(
+        &mut self,
+        queued: Queued,
+        touched: &[TopicPartition],
+    ) -> Result<TopicPartitionList> {
+        if self.txn.is_some() {
+            self.finish_transaction(queued, touched)?;
+            return Ok(TopicPartitionList::new());
+        }
+        self.finish_acknowledged(queued, touched)
+    }
+
+    /// `exactly-once`: each touched partition's changelog group joins the outputs in the open
+    /// transaction, with the input offsets; once Kafka committed it, the stores follow. A
+    /// crash before the local commit leaves a store behind the changelog, which the next open
+    /// rebuilds; a failure before Kafka's commit is undone by the abort.
+    fn finish_transaction(&mut self, queued: Queued, touched: &[TopicPartition]) -> Result<()> {
+        let producer = self.producer();
+        let mut offsets = TopicPartitionList::new();
+        for tp in touched {
+            let Some(part) = self.partitions.get_mut(tp) else {
+                continue;
+            };
+            operator::flush(&mut part.op, &part.store, &mut part.changes, false)?;
+            part.log_changes(&producer, &self.group, tp)?;
+            add_commit(&mut offsets, tp, part.meta.next_offset)?;
+        }
+        self.commit_transaction(&offsets)?;
+        // The commit flushed every record of the transaction: the futures are resolved.
+        let mut out_counts: HashMap<String, u64> = HashMap::new();
+        for ((_, out_topic), r) in queued.into_iter().map(|(dest, fut)| (dest, block_on(fut))) {
+            delivered(r)?;
+            *out_counts.entry(out_topic).or_default() += 1;
+        }
+        failpoint::hit("after_outputs_acked");
+        for tp in touched {
+            if let Some(part) = self.partitions.get_mut(tp) {
+                part.commit_local()?;
+            }
+        }
+        failpoint::hit("after_state_committed");
+        for (t, n) in out_counts {
+            metrics::records_out(t, n);
+        }
+        Ok(())
+    }
+
+    /// The other modes: waits for a batch's outputs (and the touched partitions' previous
+    /// changelog), then commits each touched partition; returns the offsets to commit.
+    fn finish_acknowledged(
         &mut self,
         queued: Queued,
         touched: &[TopicPartition],
@@ -123,7 +188,8 @@ impl<F: OperatorFactory> Engine<F> {
             }
         }
         let mut commits = TopicPartitionList::new();
-        let exactly_once = self.exactly_once();
+        let ids_mode = self.ids_mode();
+        let producer = self.producer();
         for tp in touched {
             let Some(part) = self.partitions.get_mut(tp) else {
                 continue;
@@ -141,8 +207,8 @@ impl<F: OperatorFactory> Engine<F> {
                     *pos = (*pos).max(*floor);
                 }
             }
-            if exactly_once || !part.changes.is_empty() {
-                part.commit_logged(&self.producer, &self.group, tp, "after_state_committed")?;
+            if ids_mode || !part.changes.is_empty() {
+                part.commit_logged(&producer, &self.group, tp, "after_state_committed")?;
             } else {
                 part.store.commit(&part.changes, &part.meta)?;
             }

@@ -1,7 +1,13 @@
 //! The engine: the partition-aware consume → process → produce loop that runs an
-//! [`OperatorFactory`]'s operators, exactly-once without broker transactions.
+//! [`OperatorFactory`]'s operators.
 //!
-//! Per batch and input partition:
+//! Under `exactly-once` (Kafka transactions, [`crate::transaction`]) a batch's outputs, its
+//! partitions' changelog groups and their input offsets are one transaction; once Kafka
+//! committed it, each partition's changes and next offset go to RocksDB in one batch. A
+//! failed transaction is aborted and the instance drops its partitions and rejoins, so they
+//! reopen from what Kafka committed.
+//!
+//! Under `exactly-once-ids` (no broker transactions), per batch and input partition:
 //! 1. the operator turns each input record into outputs and state changes; every output
 //!    carries the deterministic id `topic/partition/offset/n` (see [`crate::record`]);
 //! 2. outputs are produced and the loop waits until the broker acknowledged all of them;
@@ -32,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerGroupMetadata};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 
@@ -50,6 +56,7 @@ use crate::side::SideReader;
 use crate::store::{Changes, PartitionMeta, PartitionStore};
 use crate::telemetry::Health;
 use crate::topic_partition::TopicPartition;
+use crate::transaction::{self, Transactions};
 use rebalance::{lock, RunnerContext};
 
 /// One assigned input partition.
@@ -89,6 +96,28 @@ impl<O> Partition<O> {
         Ok(())
     }
 
+    /// Sends the pending changes under a fresh commit id as a changelog group into the open
+    /// transaction; [`Partition::commit_local`] follows once Kafka committed it.
+    fn log_changes(
+        &mut self,
+        producer: &FutureProducer,
+        group: &str,
+        tp: &TopicPartition,
+    ) -> Result<()> {
+        self.meta.new_commit();
+        self.pending_changelog =
+            commit::send_changelog_group(producer, group, tp, &self.changes, &mut self.meta)?;
+        Ok(())
+    }
+
+    /// Writes the changes of a committed transaction and the meta to the local store.
+    fn commit_local(&mut self) -> Result<()> {
+        self.settle_changelog()?;
+        self.store.commit(&self.changes, &self.meta)?;
+        self.changes.clear();
+        Ok(())
+    }
+
     /// Waits for the changelog writes of the last commit; the store then reflects the
     /// changelog up to after them.
     fn settle_changelog(&mut self) -> Result<()> {
@@ -104,7 +133,13 @@ type Queued = Vec<((TopicPartition, String), DeliveryFuture)>;
 
 struct Engine<F: OperatorFactory> {
     factory: F,
-    producer: FutureProducer,
+    /// The transactional producer under `exactly-once`; `None` in the other modes.
+    txn: Option<Transactions>,
+    /// The consumer's group and generation, sent with a transaction's offsets.
+    group_meta: Option<ConsumerGroupMetadata>,
+    /// An idempotent producer outside transactions: every output in the other modes, and
+    /// the changelog writes of a replay (which commits through its own commit ids).
+    plain: FutureProducer,
     reader: BaseConsumer,
     group: String,
     state_dir: PathBuf,
@@ -119,8 +154,46 @@ struct Engine<F: OperatorFactory> {
 }
 
 impl<F: OperatorFactory> Engine<F> {
-    fn exactly_once(&self) -> bool {
-        self.guarantee == Guarantee::ExactlyOnce
+    /// `exactly-once-ids`: recovery scans and commit ids instead of transactions.
+    fn ids_mode(&self) -> bool {
+        self.txn.is_none() && self.guarantee != Guarantee::AtLeastOnce
+    }
+
+    /// The producer outputs and changelog groups go through.
+    fn producer(&self) -> FutureProducer {
+        match &self.txn {
+            Some(t) => t.producer().clone(),
+            None => self.plain.clone(),
+        }
+    }
+
+    /// Opens a transaction (under `exactly-once`) before anything is sent.
+    fn begin(&mut self) -> Result<()> {
+        match self.txn.as_mut() {
+            Some(t) => t.begin(),
+            None => Ok(()),
+        }
+    }
+
+    /// Commits the open transaction with `offsets` as the group's (under `exactly-once`).
+    fn commit_transaction(&mut self, offsets: &rdkafka::TopicPartitionList) -> Result<()> {
+        match self.txn.as_mut() {
+            Some(t) => t.commit(offsets, self.group_meta.as_ref()),
+            None => Ok(()),
+        }
+    }
+
+    /// After a failed transaction: aborts it and drops every partition without committing;
+    /// they reopen from what Kafka committed once the consumer rejoins.
+    fn abandon(&mut self, cause: &CoreError) -> Result<()> {
+        tracing::warn!(error = %cause, partitions = self.partitions.len(),
+            "transaction failed: aborting, dropping the partitions and rejoining the group");
+        if let Some(t) = self.txn.as_mut() {
+            t.abort()?;
+        }
+        self.partitions.clear();
+        metrics::assigned_partitions(0);
+        Ok(())
     }
 
     /// Each assigned partition with its next offset to process.
@@ -177,9 +250,29 @@ pub fn run<F: OperatorFactory>(
         Some(table) => Some(SideReader::new(clients, &reader, table)?),
         None => None,
     };
+    let txn = match args.guarantee {
+        Guarantee::ExactlyOnce => {
+            let id = transaction::transactional_id(
+                &args.group,
+                args.instance_id.as_deref(),
+                &args.state_dir,
+            );
+            let txn = Transactions::start(clients, &id)?;
+            if txn.is_none() {
+                tracing::warn!(
+                    "exactly-once falls back to exactly-once-ids (no broker transactions)"
+                );
+            }
+            txn
+        }
+        Guarantee::ExactlyOnceIds | Guarantee::AtLeastOnce => None,
+    };
+    let transactional = txn.is_some();
     let engine = Arc::new(Mutex::new(Engine {
         factory,
-        producer: clients.producer()?,
+        txn,
+        group_meta: None,
+        plain: clients.producer()?,
         reader,
         group: args.group.clone(),
         state_dir: args.state_dir.clone(),
@@ -212,7 +305,7 @@ pub fn run<F: OperatorFactory>(
     health.set_live(true);
     metrics::paused_partitions(0);
     metrics::assigned_partitions(0);
-    tracing::info!(group = args.group, inputs = ?inputs, guarantee = ?args.guarantee, "processing");
+    tracing::info!(group = args.group, inputs = ?inputs, guarantee = ?args.guarantee, transactional, "processing");
 
     let linger = args.batch_linger;
     let mut batch: Vec<OwnedMessage> = Vec::with_capacity(args.batch_records);
@@ -263,19 +356,27 @@ pub fn run<F: OperatorFactory>(
             .as_ref()
             .map(|s| s.poll(args.batch_records))
             .unwrap_or_default();
-        let mut commits = Vec::new();
-        if !side_records.is_empty() {
-            match engine.process_side(side_records) {
-                Ok(c) => commits.push(c),
-                Err(e) => break Err(e),
+        engine.group_meta = consumer.group_metadata();
+        let commits = match engine.process_polled(side_records, &mut batch) {
+            Ok(c) => c,
+            Err(e) if transactional && e.undone_by_abort() => {
+                batch.clear();
+                if let Err(e) = engine.abandon(&e) {
+                    break Err(e);
+                }
+                drop(engine);
+                metrics::error(ErrorKind::Transaction);
+                // A fresh consumer rejoins the group; the partitions it gets open from what
+                // Kafka committed. The old one leaves as it is dropped.
+                match subscribe() {
+                    Ok(fresh) => drop(std::mem::replace(&mut consumer, fresh)),
+                    Err(e) => break Err(e),
+                }
+                watch.reset();
+                continue;
             }
-        }
-        if !batch.is_empty() {
-            match engine.process_batch(&mut batch) {
-                Ok(c) => commits.push(c),
-                Err(e) => break Err(e),
-            }
-        }
+            Err(e) => break Err(e),
+        };
         if last_gauges.elapsed() > Duration::from_secs(5) {
             engine.update_state_gauges();
             last_gauges = Instant::now();

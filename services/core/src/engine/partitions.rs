@@ -11,6 +11,7 @@ use rdkafka::TopicPartitionList;
 use super::{add_commit, Engine, Partition};
 use crate::changelog;
 use crate::error::{CoreError, Result};
+use crate::failpoint;
 use crate::kafka::retry_transient;
 use crate::metrics;
 use crate::operator::{self, OperatorFactory};
@@ -41,8 +42,17 @@ impl<F: OperatorFactory> Engine<F> {
             self.partitions.insert(tp.clone(), res?);
             opened.push(tp.clone());
         }
-        if self.exactly_once() {
+        if self.ids_mode() {
             self.recover(&opened)?;
+        } else if self.txn.is_some() {
+            for tp in &opened {
+                if self.partitions.get(tp).is_some_and(|p| !p.meta.clean) {
+                    // Outputs of a crashed exactly-once-ids batch are not transactional: no
+                    // abort hides them, and no scan looks for them in this mode.
+                    tracing::warn!(topic = tp.topic, partition = tp.partition,
+                        "opened a partition left unclean by exactly-once-ids: outputs of its last batch may repeat");
+                }
+            }
         }
         self.reconcile_side(&opened)?;
         Ok(tps
@@ -113,7 +123,7 @@ impl<F: OperatorFactory> Engine<F> {
         meta.changelog_pos = meta.changelog_pos.max(cl_end);
         let io = replay::Io {
             reader: &self.reader,
-            producer: &self.producer,
+            producer: &self.plain,
             group: &self.group,
             tp,
         };
@@ -168,8 +178,18 @@ impl<F: OperatorFactory> Engine<F> {
             // Outputs found by a recovery scan but not re-encountered yet keep the partition
             // dirty, so the next owner scans for them again.
             part.meta.clean = part.already_written.is_empty();
-            if self.exactly_once() {
-                part.commit_logged(&self.producer, &self.group, tp, "after_close_committed")?;
+            if self.txn.is_some() {
+                if let Err(e) = self.close_in_transaction(tp, &mut part) {
+                    // The last batch's commit stands; only the final flush is lost.
+                    tracing::warn!(error = %e, topic = tp.topic, partition = tp.partition,
+                        "closing commit failed: aborted");
+                    if let Some(t) = self.txn.as_mut() {
+                        t.abort()?;
+                    }
+                    continue;
+                }
+            } else if self.ids_mode() {
+                part.commit_logged(&self.plain, &self.group, tp, "after_close_committed")?;
                 part.settle_changelog()?;
                 part.store.commit(&Changes::default(), &part.meta)?;
             } else {
@@ -186,5 +206,20 @@ impl<F: OperatorFactory> Engine<F> {
             );
         }
         Ok(commits)
+    }
+
+    /// Commits a closing partition's final changes in a transaction of their own.
+    fn close_in_transaction(
+        &mut self,
+        tp: &TopicPartition,
+        part: &mut Partition<F::Op>,
+    ) -> Result<()> {
+        self.begin()?;
+        part.log_changes(&self.producer(), &self.group, tp)?;
+        let mut offsets = TopicPartitionList::new();
+        add_commit(&mut offsets, tp, part.meta.next_offset)?;
+        self.commit_transaction(&offsets)?;
+        failpoint::hit("after_close_committed");
+        part.commit_local()
     }
 }

@@ -47,8 +47,11 @@ impl<F: OperatorFactory> ClientContext for RunnerContext<F> {
         let mut prefetched = 0;
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
-                if *p >= 0 && s.desired && s.consumer_lag >= 0 {
-                    metrics::consumer_lag(topic, *p, s.consumer_lag);
+                // From the position handed to sieve, not the committed offset: under
+                // exactly-once the transactions commit offsets, which the consumer's own
+                // statistics never see. `ls_offset` is the end a read_committed reader sees.
+                if *p >= 0 && s.desired && s.app_offset >= 0 && s.ls_offset >= 0 {
+                    metrics::consumer_lag(topic, *p, (s.ls_offset - s.app_offset).max(0));
                 }
                 prefetched += s.fetchq_size;
             }
@@ -74,6 +77,8 @@ impl<F: OperatorFactory> ConsumerContext for RunnerContext<F> {
             RebalanceProtocol::Cooperative
         );
         let mut engine = lock(&self.engine);
+        // A transaction committed here (side reconciliation, closing) carries this generation.
+        engine.group_meta = consumer.group_metadata();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 match engine.open_partitions(&partitions_of(tpl)) {

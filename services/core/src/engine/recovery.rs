@@ -117,7 +117,7 @@ impl<F: OperatorFactory> Engine<F> {
             }
             part.meta.clean = false;
             pending.extend(commit_logged(
-                &self.producer,
+                &self.plain,
                 &self.group,
                 tp,
                 &mut part.store,

@@ -39,6 +39,10 @@ impl<F: OperatorFactory> Engine<F> {
             return Ok(());
         };
         let positions = table.positions();
+        let producer = self.producer();
+        if let Some(t) = self.txn.as_mut() {
+            t.begin()?;
+        }
         let mut queued: Queued = Vec::new();
         for tp in opened {
             let Some(part) = self.partitions.get_mut(tp) else {
@@ -57,7 +61,7 @@ impl<F: OperatorFactory> Engine<F> {
                 if from < to {
                     side::replay(&self.reader, stp, from, to, |chunk| {
                         metrics::side_replayed_records(chunk.len());
-                        show_side(&self.producer, tp, part, chunk, &mut queued)
+                        show_side(&producer, tp, part, chunk, &mut queued)
                     })?;
                 }
                 part.meta.side_pos.insert(stp.clone(), to);
@@ -77,6 +81,10 @@ impl<F: OperatorFactory> Engine<F> {
         };
         table.apply(&records)?;
         metrics::side_records(records.len());
+        let producer = self.producer();
+        if let Some(t) = self.txn.as_mut() {
+            t.begin()?;
+        }
         let mut queued: Queued = Vec::new();
         let mut touched = Vec::new();
         for (tp, part) in self.partitions.iter_mut() {
@@ -94,15 +102,15 @@ impl<F: OperatorFactory> Engine<F> {
                     .side_pos
                     .insert(TopicPartition::of(m), m.offset() + 1);
             }
-            show_side(&self.producer, tp, part, &mine, &mut queued)?;
+            show_side(&producer, tp, part, &mine, &mut queued)?;
             touched.push(tp.clone());
         }
         self.finish_batch(queued, &touched)
     }
 }
 
-/// Shows side records to one partition's operator and queues what it emits (without ids:
-/// side outputs are at-least-once).
+/// Shows side records to one partition's operator and queues what it emits (without ids: side
+/// outputs are exactly-once only in a transaction, at-least-once in the other modes).
 fn show_side<O: Operator>(
     producer: &FutureProducer,
     tp: &TopicPartition,
