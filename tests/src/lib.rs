@@ -513,6 +513,30 @@ impl Broker {
         Ok(out)
     }
 
+    /// Records of `topic` that `group` has not committed yet, as a `read_committed` consumer
+    /// reads them (the offsets between overstate it by the transaction markers).
+    pub fn lag(&self, group: &str, topic: &str) -> Result<i64> {
+        let committed = self.committed(group, topic)?;
+        let reader = self.clients().reader()?;
+        let mut lag = 0;
+        for (p, end) in self.end_offsets(topic)? {
+            let from = committed.get(&p).copied().unwrap_or(0);
+            sieve_core::read::read_range(
+                &reader,
+                topic,
+                p,
+                from,
+                end,
+                Duration::from_secs(30),
+                |_| {
+                    lag += 1;
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(lag)
+    }
+
     /// Offsets committed by `group` for `topic`, by partition (absent when none).
     pub fn committed(&self, group: &str, topic: &str) -> Result<BTreeMap<i32, i64>> {
         let clients = self.clients();
@@ -775,6 +799,25 @@ impl Service {
         self.kill();
         *self = Self::start(self.cmd.clone())?;
         self.earlier_metrics = earlier;
+        Ok(())
+    }
+
+    /// Whether the process is frozen by SIGSTOP (state `T` in /proc/PID/stat).
+    pub fn is_stopped(&self) -> bool {
+        self.pid()
+            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .and_then(|stat| {
+                // The state follows the command name, which is in parentheses.
+                let after = stat.rsplit_once(')')?.1;
+                after.split_whitespace().next().map(|state| state == "T")
+            })
+            .unwrap_or(false)
+    }
+
+    /// SIGCONT: a process frozen by SIGSTOP (a failpoint's `:stop`) goes on.
+    pub fn resume(&self) -> Result<()> {
+        let pid = self.pid().context("service not running")?;
+        signal::send(pid, Signal::Cont)?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use sieve_tests::{service_args, unique, wait_for, Broker, Service};
 
@@ -167,9 +168,10 @@ fn sigkill_at_any_moment_neither_loses_nor_duplicates() -> Result<()> {
     let state = s.state_dir("a");
     // Deterministic crash points, including between "outputs acknowledged" and "state
     // written", then kills at arbitrary moments. Small batches and early hits leave work
-    // for every crash point: at most 6 x 5 batches of 1 000 of the 60 000 records.
+    // for every crash point: at most 7 x 5 batches of 1 000 of the 60 000 records.
     let points = [
         "after_produce@2",
+        "before_commit@3",
         "after_outputs_acked@1",
         "after_outputs_acked@3",
         "after_state_committed@2",
@@ -527,6 +529,176 @@ fn bad_configuration_fails_fast_with_one_clear_line() -> Result<()> {
     ensure!(
         !err.contains("panicked") && err.trim().lines().count() == 1,
         "stderr: {err}"
+    );
+    Ok(())
+}
+
+/// What a reader of the counter's output found: records, `(key, count)` pairs seen more than
+/// once, and pairs of the clean run's answer never seen.
+#[derive(Debug)]
+struct Audit {
+    records: usize,
+    repeated: usize,
+    missing: usize,
+}
+
+/// Audits the counter's output against a clean run over `per_key` inputs for each key.
+fn audit(out: &[OwnedMessage], per_key: &BTreeMap<String, u64>) -> Result<Audit> {
+    let mut seen: HashMap<(String, u64), u32> = HashMap::new();
+    for m in out {
+        let k = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+        let c: u64 = std::str::from_utf8(m.payload().unwrap_or_default())?.parse()?;
+        *seen.entry((k, c)).or_default() += 1;
+    }
+    let repeated = seen.values().map(|n| (*n as usize).saturating_sub(1)).sum();
+    let missing = per_key
+        .iter()
+        .flat_map(|(k, n)| (1..=*n).map(move |c| (k.clone(), c)))
+        .filter(|pair| !seen.contains_key(pair))
+        .count();
+    Ok(Audit {
+        records: out.len(),
+        repeated,
+        missing,
+    })
+}
+
+/// A zombie: instance A freezes (SIGSTOP) at `failpoint`, with a batch's outputs on the broker
+/// and the batch not committed, stays frozen past its session while B takes every partition
+/// and counts the whole input, then resumes as if nothing happened; more input follows for
+/// both. Returns the audit of the output as a `read_committed` consumer reads it, and A's log.
+fn zombie(guarantee: &str, failpoint: &str) -> Result<(Audit, String)> {
+    let s = Setup::new(4)?;
+    let keys = 200;
+    let extra = ["--guarantee", guarantee, "--batch-records", "1000"];
+    s.produce(0, 20_000, keys)?;
+    let mut a = s.spawn_with(
+        "counter",
+        &s.state_dir("a"),
+        &extra,
+        &[("SIEVE_FAILPOINT", &format!("{failpoint}@5:stop"))],
+    )?;
+    wait_for("A frozen mid-batch", Duration::from_secs(120), || {
+        a.is_stopped().then_some(())
+    })?;
+    let mut b = s.spawn_with("counter", &s.state_dir("b"), &extra, &[])?;
+    // B gets the partitions once A's session (10 s) expired, and counts everything.
+    s.wait_output(20_000, &mut b)?;
+    a.resume()?;
+    s.produce(20_000, 20_000, keys)?;
+    s.wait_output(40_000, &mut b)
+        .with_context(|| format!("A:\n{}\nB:\n{}", a.log_tail(40), b.log_tail(40)))?;
+    wait_for("all committed", Duration::from_secs(120), || {
+        (s.broker.committed(&s.group, &s.input).ok()? == s.broker.end_offsets(&s.input).ok()?)
+            .then_some(())
+    })?;
+    let a_log = a.logs();
+    assert_eq!(a.terminate(Duration::from_secs(30))?, 0, "A: {a_log}");
+    assert_eq!(b.terminate(Duration::from_secs(30))?, 0);
+    // The state both left in the changelog, restored by a third instance with no local
+    // state: its counts must go on from the clean run's.
+    s.produce(40_000, 10_000, keys)?;
+    let mut c = s.spawn_with("counter", &s.state_dir("c"), &extra, &[])?;
+    s.wait_output(50_000, &mut c)?;
+    assert_eq!(c.terminate(Duration::from_secs(30))?, 0);
+    let per_key = (0..keys).map(|k| (format!("k{k}"), 250)).collect();
+    Ok((audit(&s.broker.read_all(&s.output)?, &per_key)?, a_log))
+}
+
+/// The broker fences the zombie: its transaction is refused (or timed out) and aborted,
+/// nothing it wrote after freezing is visible, and the state restored from the changelog
+/// is a clean run's.
+#[test]
+fn a_zombie_instance_is_fenced_and_every_count_appears_once() -> Result<()> {
+    let (audit, a_log) = zombie("exactly-once", "before_commit")?;
+    ensure!(
+        a_log.contains("transaction failed"),
+        "A resumed without its transaction failing:\n{a_log}"
+    );
+    ensure!(
+        audit.records == 50_000 && audit.repeated == 0 && audit.missing == 0,
+        "{audit:?}"
+    );
+    Ok(())
+}
+
+/// The same zombie without transactions (`exactly-once-ids`, the mode for brokers that lack
+/// them), as a measurement, not a test: nothing fences A, so what a reader sees varies from
+/// run to run (docs/exactly-once.md records the runs). Run it with
+/// `cargo nextest run -p sieve-tests --test core_runtime --run-ignored only zombie`.
+#[test]
+#[ignore = "a measurement of the mode's known hole, recorded in docs/exactly-once.md"]
+fn measure_a_zombie_without_transactions() -> Result<()> {
+    let (audit, _) = zombie("exactly-once-ids", "after_outputs_acked")?;
+    println!("exactly-once-ids under a zombie: {audit:?}");
+    Ok(())
+}
+
+/// Every record of `topic` as a `read_uncommitted` consumer reads it: aborted ones included.
+fn read_uncommitted(broker: &Broker, topic: &str) -> Result<Vec<OwnedMessage>> {
+    let mut cfg = broker.clients().reader_config();
+    cfg.set("isolation.level", "read_uncommitted");
+    let reader: BaseConsumer = cfg.create()?;
+    let mut out = Vec::new();
+    for p in broker.end_offsets(topic)?.keys() {
+        let (_, high) = reader.fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        sieve_core::read::read_range(&reader, topic, *p, 0, high, Duration::from_secs(30), |m| {
+            out.push(m.clone());
+            Ok(())
+        })?;
+    }
+    Ok(out)
+}
+
+/// A kill between sending a batch and committing its transaction: once the coordinator
+/// aborted the dead producer's transaction, a `read_committed` reader sees exactly the
+/// committed batches (one count per committed input) while the aborted outputs lie in the
+/// log; the restart redoes the batch and the output is a clean run's.
+#[test]
+fn a_batch_killed_before_its_commit_is_invisible_and_redone_exactly() -> Result<()> {
+    let s = Setup::new(2)?;
+    let keys = 100;
+    s.produce(0, 10_000, keys)?;
+    let state = s.state_dir("a");
+    let extra = ["--batch-records", "1000"];
+    let mut a = s.spawn_with(
+        "counter",
+        &state,
+        &extra,
+        &[("SIEVE_FAILPOINT", "before_commit@4")],
+    )?;
+    a.wait_exit("kill before the commit", Duration::from_secs(120))?;
+    ensure!(a.logs().contains("failpoint reached"), "{}", a.log_tail(20));
+    // The transaction stays open until the coordinator times it out (10 s) and aborts it.
+    let committed_inputs: i64 = s.broker.committed(&s.group, &s.input)?.values().sum();
+    let mut last = (0, 0);
+    let visible = wait_for(
+        "the dead transaction aborted",
+        Duration::from_secs(60),
+        || {
+            let uncommitted = read_uncommitted(&s.broker, &s.output).ok()?.len();
+            let committed = s.broker.read_all(&s.output).ok()?.len();
+            last = (committed, uncommitted);
+            // A record past the last stable offset is not readable yet: wait for the abort.
+            (uncommitted > committed && committed as i64 == committed_inputs)
+                .then_some((committed, uncommitted))
+        },
+    )
+    .with_context(|| {
+        format!("read_committed/uncommitted {last:?}, committed inputs {committed_inputs}")
+    })?;
+    ensure!(
+        committed_inputs > 0,
+        "no batch committed before the kill: {visible:?}"
+    );
+    let mut a = s.spawn_with("counter", &state, &extra, &[])?;
+    s.wait_output(10_000, &mut a)?;
+    assert_eq!(a.terminate(Duration::from_secs(30))?, 0);
+    let per_key = (0..keys).map(|k| (format!("k{k}"), 100)).collect();
+    let audit = audit(&s.broker.read_all(&s.output)?, &per_key)?;
+    ensure!(
+        audit.records == 10_000 && audit.repeated == 0 && audit.missing == 0,
+        "{audit:?}"
     );
     Ok(())
 }

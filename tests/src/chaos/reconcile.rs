@@ -113,12 +113,7 @@ pub fn reconcile(broker: &Broker, t: &Topics, expected: &Expected) -> Result<Ver
     for role in ["dedup", "antijoin", "planner", "deliver"] {
         let group = format!("{}-{role}", t.ns);
         for topic in t.inputs(role) {
-            let ends = broker.end_offsets(&topic)?;
-            let committed = broker.committed(&group, &topic)?;
-            let lag: i64 = ends
-                .iter()
-                .map(|(p, end)| end - committed.get(p).copied().unwrap_or(0))
-                .sum();
+            let lag = broker.lag(&group, &topic)?;
             if lag != 0 {
                 d.push(format!("lag {role} {topic}: {lag}"));
             }

@@ -4,16 +4,16 @@
 //! or locally and then to the changelog once every output is acknowledged (the other modes).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
 use futures::future::join_all;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::DeliveryFuture;
+use rdkafka::producer::{DeliveryFuture, Producer};
 use rdkafka::TopicPartitionList;
 
 use super::{add_commit, Engine, Queued};
-use crate::error::Result;
+use crate::error::{CoreError, Result};
 use crate::failpoint;
 use crate::metrics::{self, Skipped};
 use crate::operator::{self, Ctx, Operator, OperatorFactory};
@@ -128,8 +128,17 @@ impl<F: OperatorFactory> Engine<F> {
             part.log_changes(&producer, &self.group, tp)?;
             add_commit(&mut offsets, tp, part.meta.next_offset)?;
         }
+        // Every record of the transaction reaches the broker first (commit would flush them
+        // too), so a crash here leaves them in the log, for the abort to hide.
+        producer
+            .flush(Duration::from_secs(30))
+            .map_err(|e| CoreError::Transaction {
+                context: "flush".into(),
+                source: e,
+            })?;
+        failpoint::hit("before_commit");
         self.commit_transaction(&offsets)?;
-        // The commit flushed every record of the transaction: the futures are resolved.
+        // Flushed and committed: every delivery future is resolved.
         let mut out_counts: HashMap<String, u64> = HashMap::new();
         for ((_, out_topic), r) in queued.into_iter().map(|(dest, fut)| (dest, block_on(fut))) {
             delivered(r)?;
