@@ -251,6 +251,11 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The broker JVM's pid (for its CPU time), when the harness started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn spawn(&mut self) -> Result<()> {
         if self.external {
             bail!("an external broker is not started by the harness");

@@ -162,33 +162,59 @@ fn passthrough_copies_every_record_once_in_key_order_and_commits() -> Result<()>
 
 #[test]
 fn sigkill_at_any_moment_neither_loses_nor_duplicates() -> Result<()> {
+    // Between "outputs sent" and the transaction's commit, between Kafka's commit and
+    // RocksDB's, after both.
+    sigkill_at_any_moment(
+        "exactly-once",
+        &[
+            "after_produce@2",
+            "before_commit@3",
+            "after_outputs_acked@1",
+            "after_outputs_acked@3",
+            "after_state_committed@2",
+            "after_produce@5",
+            "after_outputs_acked@4",
+        ],
+    )
+}
+
+#[test]
+fn sigkill_at_any_moment_without_transactions_neither_loses_nor_duplicates() -> Result<()> {
+    // Between "outputs acknowledged" and "state written" (the recovery scan's case), between
+    // the local commit and the changelog write (a store ahead of its changelog).
+    sigkill_at_any_moment(
+        "exactly-once-ids",
+        &[
+            "after_produce@2",
+            "after_outputs_acked@1",
+            "after_outputs_acked@3",
+            "after_state_committed@2",
+            "after_produce@5",
+            "after_outputs_acked@4",
+        ],
+    )
+}
+
+/// Kills at each failpoint in turn, then at arbitrary moments, and checks the output as a
+/// `read_committed` reader sees it. Small batches and early hits leave work for every crash
+/// point: at most 7 x 5 batches of 1 000 of the 60 000 records.
+fn sigkill_at_any_moment(guarantee: &str, points: &[&str]) -> Result<()> {
     let s = Setup::new(3)?;
     let n = 60_000;
     s.produce(0, n, 500)?;
     let state = s.state_dir("a");
-    // Deterministic crash points, including between "outputs acknowledged" and "state
-    // written", then kills at arbitrary moments. Small batches and early hits leave work
-    // for every crash point: at most 7 x 5 batches of 1 000 of the 60 000 records.
-    let points = [
-        "after_produce@2",
-        "before_commit@3",
-        "after_outputs_acked@1",
-        "after_outputs_acked@3",
-        "after_state_committed@2",
-        "after_produce@5",
-        "after_outputs_acked@4",
-    ];
+    let mode = ["--guarantee", guarantee];
     for fp in points {
         let mut svc = s.spawn_with(
             "passthrough",
             &state,
-            &["--batch-records", "1000"],
+            &["--guarantee", guarantee, "--batch-records", "1000"],
             &[("SIEVE_FAILPOINT", fp)],
         )?;
         svc.wait_exit(&format!("crash at {fp}"), Duration::from_secs(120))?;
     }
     for delay_ms in [300u64, 900, 1500, 2200] {
-        let mut svc = s.spawn("passthrough", &state, &[])?;
+        let mut svc = s.spawn_with("passthrough", &state, &mode, &[])?;
         let before = s.broker.count(&s.output)?;
         // Kill once it made progress (or after the delay if already done).
         let _ = wait_for("progress", Duration::from_millis(delay_ms), || {
@@ -196,9 +222,9 @@ fn sigkill_at_any_moment_neither_loses_nor_duplicates() -> Result<()> {
         });
         svc.kill();
     }
-    let mut svc = s.spawn("passthrough", &state, &[])?;
+    let mut svc = s.spawn_with("passthrough", &state, &mode, &[])?;
     s.wait_output(n as i64, &mut svc)?;
-    // Let it settle past the last input, then stop and check the topic as a plain consumer.
+    // Let it settle past the last input, then stop and check the topic.
     wait_for("committed to end", Duration::from_secs(60), || {
         (s.broker.committed(&s.group, &s.input).ok()? == s.broker.end_offsets(&s.input).ok()?)
             .then_some(())
@@ -221,33 +247,45 @@ fn counts(out: &[OwnedMessage]) -> Result<BTreeMap<String, u64>> {
 
 #[test]
 fn deleted_state_dir_is_restored_from_the_changelog() -> Result<()> {
+    deleted_state_dir_is_restored("exactly-once")
+}
+
+#[test]
+fn deleted_state_dir_is_restored_from_the_changelog_without_transactions() -> Result<()> {
+    deleted_state_dir_is_restored("exactly-once-ids")
+}
+
+fn deleted_state_dir_is_restored(guarantee: &str) -> Result<()> {
     let s = Setup::new(2)?;
+    let mode = ["--guarantee", guarantee];
     let keys = 200;
     let state = s.state_dir("a");
     // Keys seen once, then again only at the very end: a count the changelog lost would show.
     let once = |i: usize| (format!("u{i}"), i.to_string());
     s.broker.produce(&s.input, (0..5_000).map(once))?;
     s.produce(0, 10_000, keys)?;
-    // A kill between the local commit of a batch and its changelog write leaves the store
-    // ahead of the changelog; the restart must not keep using it, or that batch's counts
-    // would be missing from every later restore.
+    // Without transactions, a kill between the local commit of a batch and its changelog
+    // write leaves the store ahead of the changelog; the restart must not keep using it, or
+    // that batch's counts would be missing from every later restore. (With transactions the
+    // same point is after both commits.)
     let mut svc = s.spawn_with(
         "counter",
         &state,
-        &["--batch-records", "1000"],
+        &["--guarantee", guarantee, "--batch-records", "1000"],
         &[("SIEVE_FAILPOINT", "after_state_committed@3")],
     )?;
     svc.wait_exit("crash before the changelog write", Duration::from_secs(120))?;
-    let mut svc = s.spawn("counter", &state, &[])?;
+    let mut svc = s.spawn_with("counter", &state, &mode, &[])?;
     s.wait_output(15_000, &mut svc)?;
     assert_eq!(svc.terminate(Duration::from_secs(30))?, 0);
     std::fs::remove_dir_all(&state)?;
 
     // A crash mid-batch and a lost state dir together: restore plus recovery scan.
     s.produce(10_000, 10_000, keys)?;
-    let mut svc = s.spawn(
+    let mut svc = s.spawn_with(
         "counter",
         &state,
+        &mode,
         &[("SIEVE_FAILPOINT", "after_outputs_acked@2")],
     )?;
     svc.wait_exit("crash", Duration::from_secs(120))?;
@@ -255,7 +293,7 @@ fn deleted_state_dir_is_restored_from_the_changelog() -> Result<()> {
 
     s.produce(20_000, 10_000, keys)?;
     s.broker.produce(&s.input, (0..5_000).map(once))?;
-    let mut svc = s.spawn("counter", &state, &[])?;
+    let mut svc = s.spawn_with("counter", &state, &mode, &[])?;
     s.wait_output(40_000, &mut svc)?;
     let restored = svc
         .metric("sieve_restore_records_total", &[])

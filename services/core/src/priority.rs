@@ -6,7 +6,10 @@
 //! "Has records waiting" compares each partition's next offset with the high watermark
 //! librdkafka cached from its last fetch: no request to the broker. Paused partitions are not
 //! fetched, so their cached watermark goes stale; only the watermarks of higher priorities,
-//! which are never paused, decide anything.
+//! which are never paused, decide anything. Offsets are not records under transactions: a
+//! commit marker (and an aborted transaction) takes offsets no record is read from, so a
+//! caught-up partition's watermark can stay past its next offset. A gap that a whole poll
+//! left as it was (same next offset, same watermark) is therefore taken as holding nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -26,6 +29,8 @@ pub struct Scheduler {
     guard: Duration,
     paused: BTreeSet<TopicPartition>,
     paused_since: Option<Instant>,
+    /// Next offset and cached high watermark of each unpaused partition at the last call.
+    last_seen: BTreeMap<TopicPartition, (i64, i64)>,
 }
 
 impl Scheduler {
@@ -35,6 +40,7 @@ impl Scheduler {
             guard,
             paused: BTreeSet::new(),
             paused_since: None,
+            last_seen: BTreeMap::new(),
         }
     }
 
@@ -45,8 +51,13 @@ impl Scheduler {
         consumer: &BaseConsumer<C>,
         assigned: &[(TopicPartition, i64)],
     ) {
-        let waiting = |tp: &TopicPartition, next: i64| match cached_watermarks(consumer, tp) {
-            Some((low, high)) if high >= 0 => high > next.max(low),
+        let mut seen = BTreeMap::new();
+        let mut waiting = |tp: &TopicPartition, next: i64| match cached_watermarks(consumer, tp) {
+            Some((low, high)) if high >= 0 => {
+                seen.insert(tp.clone(), (next, high));
+                let idle_gap = self.last_seen.get(tp) == Some(&(next, high));
+                high > next.max(low) && !idle_gap
+            }
             _ => false,
         };
         let top = assigned
@@ -54,6 +65,7 @@ impl Scheduler {
             .filter(|(tp, next)| !self.paused.contains(tp) && waiting(tp, *next))
             .filter_map(|(tp, _)| self.of_topic.get(&tp.topic).copied())
             .min();
+        self.last_seen = seen;
         let starving = self
             .paused_since
             .is_some_and(|since| since.elapsed() > self.guard);

@@ -110,7 +110,11 @@ impl Transactions {
     /// fatally or cannot abort is replaced: the new one's `init_transactions` aborts what the
     /// old one left open.
     pub(crate) fn abort(&mut self) -> Result<()> {
-        if self.producer.client().fatal_error().is_none() {
+        let fatal = self.producer.client().fatal_error().is_some();
+        if !self.open && !fatal {
+            return Ok(());
+        }
+        if !fatal {
             match self.producer.abort_transaction(TIMEOUT) {
                 Ok(()) => {
                     self.open = false;

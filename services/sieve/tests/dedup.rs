@@ -222,6 +222,41 @@ fn sigkill_mid_run_gives_exactly_once_output() -> Result<()> {
     s.check(&events)
 }
 
+/// A zombie: instance A freezes (SIGSTOP) with a batch's outputs and changelog in an open
+/// transaction, past its session; B takes every partition and decides the first half; A
+/// resumes, is fenced and rejoins; both decide the second half, whose retries repeat keys of
+/// the first. Every event is decided once, as a clean run decides it.
+#[test]
+fn a_zombie_instance_is_fenced_and_each_event_is_decided_once() -> Result<()> {
+    let s = Setup::new(4)?;
+    let events = generated(40_000, 17);
+    let (first, second) = events.split_at(20_000);
+    s.produce(first)?;
+    let mut a = s.spawn_instance(
+        "a",
+        &["--batch-records", "2000"],
+        &[("SIEVE_FAILPOINT", "before_commit@3:stop")],
+    )?;
+    wait_for("A frozen mid-batch", Duration::from_secs(120), || {
+        a.is_stopped().then_some(())
+    })?;
+    let mut b = s.spawn_instance("b", &[], &[])?;
+    let (new1, _, conf1) = expected_counts(first);
+    s.wait_for_outputs(&mut b, new1, conf1)?;
+    a.resume()?;
+    s.produce(second)?;
+    let (new, _, conflicts) = expected_counts(&events);
+    s.wait_for_outputs(&mut b, new, conflicts)?;
+    let a_log = a.logs();
+    ensure!(
+        a_log.contains("transaction failed"),
+        "A resumed without its transaction failing:\n{a_log}"
+    );
+    assert_eq!(a.terminate(Duration::from_secs(30))?, 0);
+    assert_eq!(b.terminate(Duration::from_secs(30))?, 0);
+    s.check(&events)
+}
+
 #[test]
 fn deleted_state_dir_is_restored_and_decides_the_same() -> Result<()> {
     let s = Setup::new(2)?;

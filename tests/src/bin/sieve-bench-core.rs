@@ -1,6 +1,7 @@
 //! Benchmark of the core loop, dedup and the stream anti-join against raw librdkafka on the
 //! same broker and data, in one run: raw consume→produce pass-through (the ceiling), the core
-//! runner's pass-through with exactly-once on and off, dedup (10 % retries by default) and
+//! runner's pass-through under each guarantee, dedup (10 % retries by default) under each
+//! guarantee and, with transactions, at commit intervals of 10 ms, 100 ms and 1 s, and
 //! the anti-join against a right side holding every other key. Prints records/s and the
 //! ratio to raw, plus the Bloom filter's bits per key at 1 % FP. A naive dedup (a `HashSet`
 //! of every key, consume→produce) is the second baseline for dedup: each stage's peak RSS is
@@ -8,13 +9,16 @@
 //! beside dedup's bounded state. `--json` writes the results for `bench/run`.
 //!
 //!   cargo run -p sieve-tests --bin sieve-bench-core -- [--records N]
-//!     [--stages raw,raw-default,core-eo,core-alo,dedup,antijoin,naive-dedup] [--json PATH]
+//!     [--stages raw,raw-default,core-eo,core-ids,core-alo,dedup,...] [--json PATH]
+//!
+//! CPU is counted per stage for this process (the stage) and for the broker separately: on
+//! a shared 2-core machine CPU-seconds per record are steadier than records/s.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use futures::future::join_all;
 use rdkafka::config::ClientConfig;
@@ -53,12 +57,18 @@ struct Args {
 }
 
 /// Every stage. The naive dedup runs last: the memory its set held stays in the process.
-const STAGES: [&str; 7] = [
+const STAGES: [&str; 13] = [
     "raw",
     "raw-default",
     "core-eo",
+    "core-ids",
     "core-alo",
     "dedup",
+    "dedup-ids",
+    "dedup-alo",
+    "dedup-txn-10ms",
+    "dedup-txn-100ms",
+    "dedup-txn-1000ms",
     "antijoin",
     "naive-dedup",
 ];
@@ -72,6 +82,54 @@ struct StageResult {
     outputs: i64,
     expected_outputs: usize,
     peak_rss_mib: f64,
+    /// CPU-seconds per million input records: this process (the stage), and the broker.
+    stage_cpu_s_per_m: f64,
+    broker_cpu_s_per_m: f64,
+}
+
+/// How a stage runs the engine: the guarantee and the batch (transaction) bounds.
+#[derive(Clone, Copy)]
+struct Mode {
+    guarantee: Guarantee,
+    batch_records: usize,
+    batch_linger: Duration,
+}
+
+impl Mode {
+    fn of(guarantee: Guarantee) -> Mode {
+        Mode {
+            guarantee,
+            batch_records: 5_000,
+            batch_linger: Duration::from_millis(50),
+        }
+    }
+
+    /// Transactions committed every `ms` (the batch bound set far above what arrives).
+    fn interval(ms: u64) -> Mode {
+        Mode {
+            guarantee: Guarantee::ExactlyOnce,
+            batch_records: 200_000,
+            batch_linger: Duration::from_millis(ms),
+        }
+    }
+}
+
+/// User plus system CPU-seconds of process `pid` so far (`/proc/PID/stat`).
+fn cpu_seconds(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
+    let ticks: f64 = fields
+        .get(11)
+        .zip(fields.get(12))
+        .map_or(Ok(0.0), |(u, s)| {
+            Ok::<_, anyhow::Error>(u.parse::<f64>()? + s.parse::<f64>()?)
+        })?;
+    Ok(ticks / 100.0)
 }
 
 /// Resets this process's peak RSS (VmHWM) to its current RSS (Linux `clear_refs` 5).
@@ -206,16 +264,16 @@ fn raw_passthrough(
     Ok(started.elapsed())
 }
 
-fn service_args(guarantee: Guarantee, dir: &std::path::Path) -> Result<ServiceArgs> {
+fn service_args(mode: Mode, dir: &std::path::Path) -> Result<ServiceArgs> {
     Ok(ServiceArgs {
         group: unique("core"),
         state_dir: dir.to_path_buf(),
         metrics_addr: "127.0.0.1:0".parse()?,
         log_format: LogFormat::Text,
-        guarantee,
+        guarantee: mode.guarantee,
         instance_id: None,
-        batch_records: 5_000,
-        batch_linger: Duration::from_millis(50),
+        batch_records: mode.batch_records,
+        batch_linger: mode.batch_linger,
         state_memory_mb: 64,
         group_stall: Duration::from_secs(60),
     })
@@ -228,10 +286,10 @@ fn run_until<F: OperatorFactory>(
     make: impl FnOnce(&ServiceArgs) -> Result<F>,
     output: &str,
     expect: usize,
-    guarantee: Guarantee,
+    mode: Mode,
 ) -> Result<Duration> {
     let dir = tempfile::tempdir()?;
-    let args = service_args(guarantee, dir.path())?;
+    let args = service_args(mode, dir.path())?;
     let factory = make(&args)?;
     let clients = broker.clients();
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -255,13 +313,13 @@ fn core_passthrough(
     input: &str,
     output: &str,
     n: usize,
-    guarantee: Guarantee,
+    mode: Mode,
 ) -> Result<Duration> {
     let factory = PassFactory {
         input: input.to_string(),
         output: output.to_string(),
     };
-    run_until(broker, |_| Ok(factory), output, n, guarantee)
+    run_until(broker, |_| Ok(factory), output, n, mode)
 }
 
 /// Dedup's flags with their defaults, as `sieve dedup` parses them.
@@ -271,7 +329,13 @@ struct DedupCli {
     dedup: sieve_dedup::DedupArgs,
 }
 
-fn dedup(broker: &Broker, input: &str, output: &str, unique_n: usize) -> Result<Duration> {
+fn dedup(
+    broker: &Broker,
+    input: &str,
+    output: &str,
+    unique_n: usize,
+    mode: Mode,
+) -> Result<Duration> {
     let dlq = unique("bench-dlq");
     broker.create_topic(&dlq, 1)?;
     let cfg =
@@ -281,7 +345,7 @@ fn dedup(broker: &Broker, input: &str, output: &str, unique_n: usize) -> Result<
         |_| Ok(sieve_dedup::DedupFactory::new(cfg)),
         output,
         unique_n,
-        Guarantee::ExactlyOnce,
+        mode,
     )
 }
 
@@ -310,7 +374,7 @@ fn antijoin(
         |svc| Ok(sieve_antijoin::stream::StreamFactory::open(cfg, svc)?),
         output,
         expect,
-        Guarantee::ExactlyOnce,
+        Mode::of(Guarantee::ExactlyOnce),
     )
 }
 
@@ -377,10 +441,17 @@ fn main() -> Result<()> {
     let records = args.records;
     drop((keys, values));
     let mut rows: Vec<StageResult> = Vec::new();
+    let (eo, ids, alo) = (
+        Mode::of(Guarantee::ExactlyOnce),
+        Mode::of(Guarantee::ExactlyOnceIds),
+        Mode::of(Guarantee::AtLeastOnce),
+    );
+    let broker_pid = broker.pid().context("broker pid")?.to_string();
     for stage in &args.stages {
         let out = unique("bench-out");
         broker.create_topic(&out, args.partitions)?;
         reset_peak_rss()?;
+        let cpu_before = (cpu_seconds("self")?, cpu_seconds(&broker_pid)?);
         let (name, elapsed, expect) = match stage.as_str() {
             "raw" => (
                 "raw librdkafka pass-through (sieve's client settings)",
@@ -399,18 +470,48 @@ fn main() -> Result<()> {
                 records,
             ),
             "core-eo" => (
-                "core pass-through, exactly-once",
-                core_passthrough(&broker, &input, &out, records, Guarantee::ExactlyOnce)?,
+                "core pass-through, exactly-once (transactions)",
+                core_passthrough(&broker, &input, &out, records, eo)?,
+                records,
+            ),
+            "core-ids" => (
+                "core pass-through, exactly-once-ids",
+                core_passthrough(&broker, &input, &out, records, ids)?,
                 records,
             ),
             "core-alo" => (
                 "core pass-through, at-least-once",
-                core_passthrough(&broker, &input, &out, records, Guarantee::AtLeastOnce)?,
+                core_passthrough(&broker, &input, &out, records, alo)?,
                 records,
             ),
             "dedup" => (
-                "dedup, exactly-once",
-                dedup(&broker, &input, &out, unique_n)?,
+                "dedup, exactly-once (transactions, batches of 5 000 or 50 ms)",
+                dedup(&broker, &input, &out, unique_n, eo)?,
+                unique_n,
+            ),
+            "dedup-ids" => (
+                "dedup, exactly-once-ids",
+                dedup(&broker, &input, &out, unique_n, ids)?,
+                unique_n,
+            ),
+            "dedup-alo" => (
+                "dedup, at-least-once",
+                dedup(&broker, &input, &out, unique_n, alo)?,
+                unique_n,
+            ),
+            "dedup-txn-10ms" => (
+                "dedup, a transaction every 10 ms",
+                dedup(&broker, &input, &out, unique_n, Mode::interval(10))?,
+                unique_n,
+            ),
+            "dedup-txn-100ms" => (
+                "dedup, a transaction every 100 ms",
+                dedup(&broker, &input, &out, unique_n, Mode::interval(100))?,
+                unique_n,
+            ),
+            "dedup-txn-1000ms" => (
+                "dedup, a transaction every 1 s",
+                dedup(&broker, &input, &out, unique_n, Mode::interval(1000))?,
                 unique_n,
             ),
             "antijoin" => (
@@ -435,6 +536,9 @@ fn main() -> Result<()> {
         );
         // Rates count input records consumed, so a stage that drops records compares fairly.
         let rate = records as f64 / elapsed.as_secs_f64();
+        let per_m = |before: f64, now: f64| (now - before) / records as f64 * 1e6;
+        let stage_cpu_s_per_m = per_m(cpu_before.0, cpu_seconds("self")?);
+        let broker_cpu_s_per_m = per_m(cpu_before.1, cpu_seconds(&broker_pid)?);
         eprintln!("{name}: {rate:.0} records/s");
         rows.push(StageResult {
             stage: stage.clone(),
@@ -444,6 +548,8 @@ fn main() -> Result<()> {
             outputs: count,
             expected_outputs: expect,
             peak_rss_mib: peak_rss_mib()?,
+            stage_cpu_s_per_m,
+            broker_cpu_s_per_m,
         });
     }
     let raw = rows
@@ -460,14 +566,16 @@ fn main() -> Result<()> {
         engine,
     );
     println!(
-        "| run | input records/s | ratio to raw | peak RSS (MiB) |\n| --- | ---: | ---: | ---: |"
+        "| run | input records/s | ratio to raw | CPU-s per M records: stage / broker | peak RSS (MiB) |\n| --- | ---: | ---: | ---: | ---: |"
     );
     for r in &rows {
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} |",
+            "| {} | {:.0} | {:.2} | {:.2} / {:.2} | {:.0} |",
             r.name,
             r.records_per_s,
             r.records_per_s / raw,
+            r.stage_cpu_s_per_m,
+            r.broker_cpu_s_per_m,
             r.peak_rss_mib
         );
     }

@@ -348,16 +348,21 @@ pub fn run<F: OperatorFactory>(
             }
         }
         let mut engine = lock(&engine);
-        if let Some(e) = engine.fatal.take() {
-            break Err(e);
-        }
-        let side_records = engine
-            .side
-            .as_ref()
-            .map(|s| s.poll(args.batch_records))
-            .unwrap_or_default();
-        engine.group_meta = consumer.group_metadata();
-        let commits = match engine.process_polled(side_records, &mut batch) {
+        // A failure in a rebalance callback (a partition's opening transaction) or in the
+        // batch: one that an abort undoes makes the instance rejoin, any other stops it.
+        let outcome = match engine.fatal.take() {
+            Some(e) => Err(e),
+            None => {
+                let side_records = engine
+                    .side
+                    .as_ref()
+                    .map(|s| s.poll(args.batch_records))
+                    .unwrap_or_default();
+                engine.group_meta = consumer.group_metadata();
+                engine.process_polled(side_records, &mut batch)
+            }
+        };
+        let commits = match outcome {
             Ok(c) => c,
             Err(e) if transactional && e.undone_by_abort() => {
                 batch.clear();

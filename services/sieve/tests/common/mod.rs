@@ -74,6 +74,16 @@ impl Pipeline {
 
     /// `sieve dedup` for this pipeline with extra flags and environment.
     pub fn spawn_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Result<Service> {
+        self.spawn_instance("state", extra, env)
+    }
+
+    /// A dedup instance with its own state directory `state` (a second member of the group).
+    pub fn spawn_instance(
+        &self,
+        state: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Service> {
         let mut args: Vec<String> = [
             "dedup", "--input", &self.raw, "--output", &self.uniq, "--dlq", &self.dlq,
         ]
@@ -83,7 +93,7 @@ impl Pipeline {
         args.extend(service_args(
             &self.broker,
             &self.group,
-            &self.dir.path().join("state"),
+            &self.dir.path().join(state),
         ));
         args.extend(extra.iter().map(|s| s.to_string()));
         Service::spawn(Path::new(BIN), &args, env, self.dir.path())
