@@ -149,9 +149,12 @@ class Report:
                  "exactly. Peak RSS is the bench process's high-water mark, reset before each "
                  "stage (the stages run in-process; the broker is another process).", "")
         self.add(table(["stage", "input records/s", "× raw", "seconds", "outputs",
-                        "peak RSS MiB"],
+                        "CPU-s per M records: stage / broker", "peak RSS MiB"],
                        [[s["name"], fmt(s["records_per_s"]), fmt(s["records_per_s"] / raw, 2),
-                         fmt(s["seconds"], 1), fmt(s["outputs"]), fmt(s["peak_rss_mib"])]
+                         fmt(s["seconds"], 1), fmt(s["outputs"]),
+                         f"{s.get('stage_cpu_s_per_m', float('nan')):.2f} / "
+                         f"{s.get('broker_cpu_s_per_m', float('nan')):.2f}",
+                         fmt(s["peak_rss_mib"])]
                         for s in doc["stages"]]), "")
         b = doc["bloom"]
         self.add(f"Bloom filter, {fmt(b['keys'])} keys at 1 % target: "

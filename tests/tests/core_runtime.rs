@@ -144,7 +144,8 @@ fn passthrough_copies_every_record_once_in_key_order_and_commits() -> Result<()>
     let s = Setup::new(4)?;
     let n = 100_000;
     s.produce(0, n, 1000)?;
-    let mut svc = s.spawn("passthrough", &s.state_dir("a"), &[])?;
+    let txn = ["--guarantee", "exactly-once"];
+    let mut svc = s.spawn_with("passthrough", &s.state_dir("a"), &txn, &[])?;
     s.wait_output(n as i64, &mut svc)?;
     assert_eq!(
         svc.terminate(Duration::from_secs(30))?,
@@ -460,11 +461,13 @@ fn a_second_instance_takes_partitions_without_loss_or_duplicates() -> Result<()>
     let s = Setup::new(8)?;
     let n = 80_000;
     s.produce(0, n / 2, 1000)?;
-    let mut a = s.spawn("passthrough", &s.state_dir("a"), &[])?;
+    // Transactions: a revoked partition commits its last flush in a transaction of its own.
+    let txn = ["--guarantee", "exactly-once"];
+    let mut a = s.spawn_with("passthrough", &s.state_dir("a"), &txn, &[])?;
     wait_for("first output", Duration::from_secs(60), || {
         (s.broker.count(&s.output).ok()? > 0).then_some(())
     })?;
-    let mut b = s.spawn("passthrough", &s.state_dir("b"), &[])?;
+    let mut b = s.spawn_with("passthrough", &s.state_dir("b"), &txn, &[])?;
     // Both instances own partitions: the group rebalanced.
     wait_for(
         "partitions on both instances",
@@ -698,7 +701,7 @@ fn a_batch_killed_before_its_commit_is_invisible_and_redone_exactly() -> Result<
     let keys = 100;
     s.produce(0, 10_000, keys)?;
     let state = s.state_dir("a");
-    let extra = ["--batch-records", "1000"];
+    let extra = ["--guarantee", "exactly-once", "--batch-records", "1000"];
     let mut a = s.spawn_with(
         "counter",
         &state,

@@ -83,7 +83,9 @@ pub struct ServiceArgs {
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "SIEVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    #[arg(long, env = "SIEVE_GUARANTEE", value_enum, default_value_t = Guarantee::ExactlyOnce)]
+    /// `exactly-once-ids` stays the default until the chaos run passes on transactions
+    /// (docs/exactly-once.md).
+    #[arg(long, env = "SIEVE_GUARANTEE", value_enum, default_value_t = Guarantee::ExactlyOnceIds)]
     pub guarantee: Guarantee,
     /// This instance's stable name within the group (a StatefulSet pod name): it names the
     /// transactional producer, so a restarted instance fences its former self. Default: the

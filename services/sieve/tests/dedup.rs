@@ -232,15 +232,16 @@ fn a_zombie_instance_is_fenced_and_each_event_is_decided_once() -> Result<()> {
     let events = generated(40_000, 17);
     let (first, second) = events.split_at(20_000);
     s.produce(first)?;
+    let txn = ["--guarantee", "exactly-once"];
     let mut a = s.spawn_instance(
         "a",
-        &["--batch-records", "2000"],
+        &["--guarantee", "exactly-once", "--batch-records", "2000"],
         &[("SIEVE_FAILPOINT", "before_commit@3:stop")],
     )?;
     wait_for("A frozen mid-batch", Duration::from_secs(120), || {
         a.is_stopped().then_some(())
     })?;
-    let mut b = s.spawn_instance("b", &[], &[])?;
+    let mut b = s.spawn_instance("b", &txn, &[])?;
     let (new1, _, conf1) = expected_counts(first);
     s.wait_for_outputs(&mut b, new1, conf1)?;
     a.resume()?;

@@ -68,17 +68,23 @@ impl<F: OperatorFactory> Engine<F> {
             .collect())
     }
 
+    /// The end of `tp`'s changelog as a `read_committed` reader sees it.
+    fn changelog_end(&self, tp: &TopicPartition, cl_topic: &str) -> Result<i64> {
+        let (_, end) = retry_transient("changelog watermarks", || {
+            self.reader
+                .fetch_watermarks(cl_topic, tp.partition, Duration::from_secs(10))
+        })
+        .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{}", tp.partition), e))?;
+        Ok(end)
+    }
+
     fn open_partition(&mut self, tp: &TopicPartition) -> Result<Partition<F::Op>> {
         let started = Instant::now();
         let path = self.store_path(tp);
         let cl_topic = changelog::topic_name(&self.group, &tp.topic);
-        let (_, cl_end) = retry_transient("changelog watermarks", || {
-            self.reader
-                .fetch_watermarks(&cl_topic, tp.partition, Duration::from_secs(10))
-        })
-        .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{}", tp.partition), e))?;
         let mut store = PartitionStore::open(&path)?;
         let local = store.meta()?;
+        let cl_end = self.changelog_end(tp, &cl_topic)?;
         // The local store is a cache: rebuild it when it is missing, when another instance
         // committed the partition since, or when it is ahead of the changelog (a crash between
         // its commit and the changelog write).
