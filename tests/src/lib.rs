@@ -18,6 +18,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sieve_core::config::KafkaArgs;
 use sieve_core::kafka::Clients;
+use sieve_core::read::count_range;
 use sieve_core::signal::{self, Signal};
 use sieve_core::telemetry::proc_status_kb;
 
@@ -199,8 +200,9 @@ pub struct Broker {
     pub port: u16,
     controller_port: u16,
     dir: tempfile::TempDir,
-    /// Started by someone else (librdkafka's mock cluster): never spawned or killed here.
-    external: bool,
+    /// The addresses of brokers started by someone else (librdkafka's mock cluster, a
+    /// [`Cluster`]): never spawned or killed here.
+    external: Option<String>,
     counted: Mutex<HashMap<String, Counted>>,
 }
 
@@ -216,7 +218,7 @@ impl Broker {
                 port: free_port(),
                 controller_port: free_port(),
                 dir: tempfile::tempdir()?,
-                external: false,
+                external: None,
                 counted: Mutex::default(),
             };
             match b.spawn() {
@@ -230,25 +232,30 @@ impl Broker {
         }
     }
 
-    /// The helpers of this type (produce, read, count…) for a broker on loopback that the
-    /// harness did not start, such as librdkafka's mock cluster; `addr` is `127.0.0.1:PORT`.
-    pub fn external(addr: &str) -> Result<Broker> {
-        let port = addr
-            .strip_prefix("127.0.0.1:")
-            .and_then(|p| p.parse().ok())
-            .with_context(|| format!("not a loopback address: {addr}"))?;
+    /// The helpers of this type (produce, read, count…) for brokers on loopback that the
+    /// harness did not start as a `Broker`, such as librdkafka's mock cluster or a
+    /// [`Cluster`]; `addrs` is `127.0.0.1:PORT[,127.0.0.1:PORT…]`.
+    pub fn external(addrs: &str) -> Result<Broker> {
+        let ports: Vec<u16> = addrs
+            .split(',')
+            .map(|a| a.strip_prefix("127.0.0.1:").and_then(|p| p.parse().ok()))
+            .collect::<Option<_>>()
+            .with_context(|| format!("not loopback addresses: {addrs}"))?;
         Ok(Broker {
             child: None,
-            port,
+            port: ports[0],
             controller_port: 0,
             dir: tempfile::tempdir()?,
-            external: true,
+            external: Some(addrs.to_string()),
             counted: Mutex::default(),
         })
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match &self.external {
+            Some(addrs) => addrs.clone(),
+            None => format!("127.0.0.1:{}", self.port),
+        }
     }
 
     /// The broker JVM's pid (for its CPU time), when the harness started it.
@@ -257,7 +264,7 @@ impl Broker {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        if self.external {
+        if self.external.is_some() {
             bail!("an external broker is not started by the harness");
         }
         let log = std::fs::OpenOptions::new()
@@ -477,21 +484,8 @@ impl Broker {
         let parts = counted.entry(topic.to_string()).or_default();
         for (p, end) in self.end_offsets(topic)? {
             let (from, n) = parts.entry(p).or_insert((0, 0));
-            let mut seen = 0;
-            sieve_core::read::read_range(
-                &reader,
-                topic,
-                p,
-                *from,
-                end,
-                Duration::from_secs(30),
-                |_| {
-                    seen += 1;
-                    Ok(())
-                },
-            )?;
+            *n += count_range(&reader, topic, p, *from, end, Duration::from_secs(30))?;
             *from = (*from).max(end);
-            *n += seen;
         }
         Ok(parts.values().map(|(_, n)| n).sum())
     }
@@ -526,18 +520,7 @@ impl Broker {
         let mut lag = 0;
         for (p, end) in self.end_offsets(topic)? {
             let from = committed.get(&p).copied().unwrap_or(0);
-            sieve_core::read::read_range(
-                &reader,
-                topic,
-                p,
-                from,
-                end,
-                Duration::from_secs(30),
-                |_| {
-                    lag += 1;
-                    Ok(())
-                },
-            )?;
+            lag += count_range(&reader, topic, p, from, end, Duration::from_secs(30))?;
         }
         Ok(lag)
     }
@@ -574,6 +557,9 @@ impl Drop for Broker {
     }
 }
 
+/// `transaction.state.log.num.partitions` in deploy/kafka/server.properties.
+const TRANSACTION_STATE_PARTITIONS: i32 = 8;
+
 /// A cluster of Kafka nodes on loopback (`scripts/broker.sh cluster N`): replication factor 3
 /// (or N when smaller) and `min.insync.replicas=2` by default, data in a temporary directory;
 /// every node stopped when dropped.
@@ -593,28 +579,71 @@ impl Cluster {
                 (1..2 * nodes as u16).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok())
             })
             .context("no run of free loopback ports")?;
-        let out = Command::new(broker_script())
-            .args(["cluster", &nodes.to_string(), &first_port.to_string()])
-            .env("SIEVE_BROKER_DIR", dir.path())
-            .output()
-            .context("scripts/broker.sh cluster")?;
         let cluster = Cluster {
             nodes,
             first_port,
             dir,
         };
+        cluster.launch_stopped()?;
+        Ok(cluster)
+    }
+
+    /// Starts every node that is not running, on its ports and data (`broker.sh cluster`
+    /// skips running nodes), and waits until the cluster answers metadata.
+    pub fn launch_stopped(&self) -> Result<()> {
+        let out = Command::new(broker_script())
+            .args([
+                "cluster",
+                &self.nodes.to_string(),
+                &self.first_port.to_string(),
+            ])
+            .env("SIEVE_BROKER_DIR", self.dir.path())
+            .output()
+            .context("scripts/broker.sh cluster")?;
         ensure!(
             out.status.success(),
-            "scripts/broker.sh cluster {nodes}: {}",
+            "scripts/broker.sh cluster {}: {}",
+            self.nodes,
             String::from_utf8_lossy(&out.stderr)
         );
-        let clients = cluster.clients();
+        let clients = self.clients();
         wait_for(
             "the cluster to answer metadata",
             Duration::from_secs(90),
             || clients.check_reachable().ok(),
-        )?;
-        Ok(cluster)
+        )
+    }
+
+    /// SIGKILLs node `n` (1-based; its data survives) and waits until it is gone.
+    pub fn kill(&self, n: usize) -> Result<()> {
+        let pid = self.pid(n)?;
+        signal::send(pid, Signal::Kill)?;
+        wait_for(&format!("node {n} to die"), Duration::from_secs(30), || {
+            (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+        })
+    }
+
+    /// The node leading partition `partition` of `topic`.
+    pub fn leader(&self, topic: &str, partition: i32) -> Result<usize> {
+        let reader = self.clients().reader()?;
+        let md = reader.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let leader = md
+            .topics()
+            .first()
+            .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+            .map(|p| p.leader())
+            .with_context(|| format!("no leader of {topic}/{partition}"))?;
+        usize::try_from(leader).with_context(|| format!("{topic}/{partition} has no leader"))
+    }
+
+    /// The node coordinating the transactions of `transactional_id`: the leader of its
+    /// partition of `__transaction_state` (Kafka hashes the id as Java's `String.hashCode`).
+    pub fn transaction_coordinator(&self, transactional_id: &str) -> Result<usize> {
+        let hash = transactional_id
+            .encode_utf16()
+            .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(i32::from(c)));
+        let abs = if hash == i32::MIN { 0 } else { hash.abs() };
+        self.leader("__transaction_state", abs % TRANSACTION_STATE_PARTITIONS)
     }
 
     /// Every node's address, comma-separated, as `--brokers` takes them.

@@ -28,6 +28,25 @@ pub fn read_range(
     })
 }
 
+/// The records a `read_committed` reader reads in `[from, to)`: fewer than `to - from` on a
+/// partition written with transactions, whose commit markers take offsets and whose aborted
+/// records are skipped.
+pub fn count_range(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: i64,
+    idle_timeout: Duration,
+) -> Result<i64> {
+    let mut n = 0;
+    read_range(reader, topic, partition, from, to, idle_timeout, |_| {
+        n += 1;
+        Ok(())
+    })?;
+    Ok(n)
+}
+
 /// [`read_range`] that stops early when `f` breaks (a reader with a limit).
 pub fn read_range_while(
     reader: &BaseConsumer,

@@ -48,6 +48,9 @@ const CHUNK: usize = 10_000;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE: Duration = Duration::from_secs(30);
+/// Longest wait for a stable committed offset: an undecided transaction of a crashed or
+/// frozen instance is aborted by the broker after `transaction.timeout.ms` (10 s).
+const STABLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The commit metadata of replay `id`.
 pub fn metadata(id: &str) -> String {
@@ -89,16 +92,18 @@ impl Replay {
         })
     }
 
-    /// Honours a pending replay request of the partition in `store`; returns the store to use
-    /// and, when it replayed, the operator already opened (and warmed up) on it.
+    /// Honours the replay request `committed` (the partition's offset in the group) carries,
+    /// unless the partition honoured it already; returns the store to use and, when it
+    /// replayed, the operator already opened (and warmed up) on it.
     pub(crate) fn honour<F: OperatorFactory>(
         &mut self,
         factory: &F,
         io: &Io<'_>,
         store: PartitionStore,
         meta: &mut PartitionMeta,
+        committed: Option<&GroupOffset>,
     ) -> Result<(PartitionStore, Option<F::Op>)> {
-        let Some(req) = self.pending(io, &meta.replays)? else {
+        let Some(req) = committed.and_then(|c| c.replay_request(&meta.replays)) else {
             return Ok((store, None));
         };
         let (low, high) = crate::kafka::retry_transient("replay watermarks", || {
@@ -179,27 +184,45 @@ impl Replay {
         Ok((store, Some(op)))
     }
 
-    /// The partition's replay request, unless none stands or it was honoured already.
-    fn pending(&self, io: &Io<'_>, honoured: &[String]) -> Result<Option<Request>> {
+    /// The partition's committed offset in the group and its commit metadata. A
+    /// `read_committed` probe asks for stable offsets (KIP-447): while a transaction that
+    /// carries offsets of the partition is undecided, this waits for its outcome.
+    pub(crate) fn committed(&self, tp: &TopicPartition) -> Result<Option<GroupOffset>> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&io.tp.topic, io.tp.partition);
-        let committed = self
-            .probe
-            .committed_offsets(tpl, TIMEOUT)
-            .map_err(|e| CoreError::kafka("committed offsets", e))?;
-        let Some(elem) = committed.find_partition(&io.tp.topic, io.tp.partition) else {
+        tpl.add_partition(&tp.topic, tp.partition);
+        let committed = crate::kafka::retry_transient("committed offsets", || {
+            self.probe.committed_offsets(tpl.clone(), STABLE_TIMEOUT)
+        })
+        .map_err(|e| CoreError::kafka(format!("committed offset of {tp}"), e))?;
+        let Some(elem) = committed.find_partition(&tp.topic, tp.partition) else {
             return Ok(None);
         };
-        let Some(offset) = elem.offset().to_raw().filter(|o| *o >= 0) else {
-            return Ok(None);
-        };
-        let Some(id) = id_in(elem.metadata()) else {
-            return Ok(None);
-        };
-        Ok((!honoured.iter().any(|h| h == id)).then(|| Request {
+        Ok(elem
+            .offset()
+            .to_raw()
+            .filter(|o| *o >= 0)
+            .map(|offset| GroupOffset {
+                offset,
+                metadata: elem.metadata().to_string(),
+            }))
+    }
+}
+
+/// A partition's committed offset in the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GroupOffset {
+    pub offset: i64,
+    pub metadata: String,
+}
+
+impl GroupOffset {
+    /// The replay request this commit is, unless it is none or was honoured already.
+    pub(crate) fn replay_request(&self, honoured: &[String]) -> Option<Request> {
+        let id = id_in(&self.metadata)?;
+        (!honoured.iter().any(|h| h == id)).then(|| Request {
             id: id.to_string(),
-            offset,
-        }))
+            offset: self.offset,
+        })
     }
 }
 

@@ -1,7 +1,8 @@
-//! The short chaos run in CI: the whole pipeline as child processes, 24 SIGKILLs of services
-//! (some with the state directory deleted, some with a second instance forcing a rebalance)
-//! and 2 SIGKILLs of the broker within two minutes, then the reconciliation from the topics.
-//! `SIEVE_CHAOS_SEED` repeats a run; the long version is `sieve-chaos` (docs/chaos.md).
+//! The chaos runs in CI: the whole pipeline as child processes under SIGKILLs of services
+//! (some with the state directory deleted, some with a second instance forcing a
+//! rebalance), SIGKILLs of brokers and, on a 3-node cluster, zombies; then the
+//! reconciliation from the topics. `SIEVE_CHAOS_SEED` repeats a run; the long version is
+//! `sieve-chaos` (docs/chaos.md).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,9 +10,9 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use sieve_tests::chaos::{self, Config};
 
-// A failure prints its seed; `SIEVE_CHAOS_SEED=<seed>` repeats the same schedule of kills.
-#[test]
-fn pipeline_survives_service_and_broker_kills() -> Result<()> {
+/// A run with the CI's load; a failure prints its seed, and `SIEVE_CHAOS_SEED=<seed>`
+/// repeats the same schedule of faults.
+fn config(duration: Duration, kills: u32) -> Result<Config> {
     let seed = match std::env::var("SIEVE_CHAOS_SEED") {
         Ok(s) => s.parse()?,
         Err(_) => rand::random(),
@@ -19,14 +20,17 @@ fn pipeline_survives_service_and_broker_kills() -> Result<()> {
     let mut cfg = Config::new(
         PathBuf::from(env!("CARGO_BIN_EXE_sieve")),
         seed,
-        Duration::from_secs(120),
-        24,
+        duration,
+        kills,
     );
-    cfg.broker_kills = 2;
     cfg.rate = 100;
     cfg.followers = 300;
     cfg.drain_timeout = Duration::from_secs(240);
-    let verdict = chaos::run(&cfg)?;
+    Ok(cfg)
+}
+
+fn passes(cfg: &Config) -> Result<()> {
+    let verdict = chaos::run(cfg)?;
     eprintln!("{}", verdict.line());
     ensure!(
         verdict.passed(),
@@ -34,6 +38,31 @@ fn pipeline_survives_service_and_broker_kills() -> Result<()> {
         verdict.line(),
         verdict.differences.join("\n")
     );
-    ensure!(verdict.faults.kills >= 20 && verdict.faults.broker_kills == 2);
+    let f = &verdict.faults;
+    ensure!(
+        f.kills >= cfg.kills && f.broker_kills == cfg.broker_kills && f.zombies == cfg.zombies,
+        "faults short of the plan: {f:?}"
+    );
     Ok(())
+}
+
+/// One node, the services' default guarantee: 24 service kills and 2 broker kills in two
+/// minutes.
+#[test]
+fn pipeline_survives_service_and_broker_kills() -> Result<()> {
+    let mut cfg = config(Duration::from_secs(120), 24)?;
+    cfg.broker_kills = 2;
+    passes(&cfg)
+}
+
+/// Three nodes under transactions: 20 service kills, 3 node kills (the leader of dedup's
+/// output, dedup's transaction coordinator, any node) and 2 zombies.
+#[test]
+fn a_cluster_survives_node_kills_and_zombies_under_transactions() -> Result<()> {
+    let mut cfg = config(Duration::from_secs(150), 20)?;
+    cfg.nodes = 3;
+    cfg.broker_kills = 3;
+    cfg.zombies = 2;
+    cfg.guarantee = Some("exactly-once".into());
+    passes(&cfg)
 }

@@ -10,7 +10,7 @@ use clap::Parser;
 use sieve_tests::chaos::{self, Config};
 
 #[derive(Parser)]
-#[command(about = "Chaos run of the sieve pipeline on a local Kafka broker")]
+#[command(about = "Chaos run of the sieve pipeline on a local Kafka node or cluster")]
 struct Args {
     /// Seed of every random choice; printed, so a failing run can be repeated.
     #[arg(long)]
@@ -21,9 +21,20 @@ struct Args {
     /// SIGKILLs of services.
     #[arg(long, default_value_t = 24)]
     kills: u32,
-    /// SIGKILLs of the broker (restarted on the same port and data).
+    /// SIGKILLs of a broker (restarted on the same ports and data). On a cluster the first
+    /// kills the leader of dedup's output, the second dedup's transaction coordinator.
     #[arg(long, default_value_t = 2)]
     broker_kills: u32,
+    /// Kafka nodes: 1, or a cluster (3: replication 3, min.insync.replicas=2).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Zombies: a group member frozen (SIGSTOP) past its session while a second instance
+    /// takes its partitions, then resumed.
+    #[arg(long, default_value_t = 0)]
+    zombies: u32,
+    /// The services' --guarantee (their default when not given).
+    #[arg(long)]
+    guarantee: Option<String>,
     /// Events per second posted to ingest.
     #[arg(long, default_value_t = 150)]
     rate: u32,
@@ -53,6 +64,9 @@ fn main() -> Result<()> {
     let seed = a.seed.unwrap_or_else(rand::random);
     let mut cfg = Config::new(sieve_bin, seed, a.duration, a.kills);
     cfg.broker_kills = a.broker_kills;
+    cfg.nodes = a.nodes;
+    cfg.zombies = a.zombies;
+    cfg.guarantee = a.guarantee;
     cfg.rate = a.rate;
     cfg.followers = a.followers;
     cfg.drain_timeout = a.drain_timeout;

@@ -1,5 +1,6 @@
 //! The pipeline's services as child processes, and the faults done to them: SIGKILL and
-//! restart, a deleted state directory, a second instance of a consumer-group member.
+//! restart, a deleted state directory, a second instance of a consumer-group member, a
+//! member frozen past its session (a zombie).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use rand_pcg::Pcg64Mcg;
 use super::workload::{Topics, API_KEY};
 use super::{Config, Faults};
 use crate::{free_port, http_get, service_args_at, wait_for, Broker, Service};
+use sieve_core::signal::{self, Signal};
 
 /// A service's full arguments for a given state directory.
 type ArgsFor = Box<dyn Fn(&Path) -> Vec<String>>;
@@ -33,6 +35,8 @@ pub struct Fleet {
     bin: PathBuf,
     logs: PathBuf,
     ingest_port: u16,
+    /// The services' environment: `SIEVE_GUARANTEE` when the run sets it.
+    env: Vec<(&'static str, String)>,
 }
 
 impl Fleet {
@@ -118,13 +122,18 @@ impl Fleet {
                 }) as ArgsFor,
             ));
         }
+        let env: Vec<(&'static str, String)> = cfg
+            .guarantee
+            .iter()
+            .map(|g| ("SIEVE_GUARANTEE", g.clone()))
+            .collect();
         let mut slots = Vec::new();
         for (name, args) in specs {
             let state = (name != "ingest").then(|| dir.join("state").join(name));
-            let svc = Service::spawn(
+            let svc = spawn(
                 &cfg.sieve_bin,
                 &args(state.as_deref().unwrap_or(dir)),
-                &[],
+                &env,
                 &logs,
             )?;
             slots.push(Slot {
@@ -140,6 +149,7 @@ impl Fleet {
             bin: cfg.sieve_bin.clone(),
             logs,
             ingest_port,
+            env,
         };
         let health = format!("http://127.0.0.1:{ingest_port}/healthz");
         wait_for("ingest to listen", Duration::from_secs(60), || {
@@ -232,10 +242,63 @@ impl Fleet {
             return Ok(());
         };
         let dir = state.with_extension("second");
-        let svc = Service::spawn(&self.bin, &(slot.args)(&dir), &[], &self.logs)?;
+        let svc = spawn(&self.bin, &(slot.args)(&dir), &self.env, &self.logs)?;
         eprintln!("chaos: second instance of {}", slot.name);
         slot.second = Some((svc, step));
         faults.rebalances += 1;
+        Ok(())
+    }
+
+    /// The `transactional.id` of the first instance of `name` (its group and state directory).
+    pub fn transactional_id(&self, name: &str) -> Result<String> {
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no service {name}"))?;
+        let state = slot.state.as_ref().context("a service without a group")?;
+        let args = (slot.args)(state);
+        let group = args
+            .iter()
+            .position(|a| a == "--group")
+            .and_then(|i| args.get(i + 1))
+            .context("no --group")?;
+        Ok(sieve_core::transaction::transactional_id(
+            group, None, state,
+        ))
+    }
+
+    /// A zombie: a random group member (started alongside a second instance when it has
+    /// none) frozen with SIGSTOP past its session, so the second instance takes its
+    /// partitions; then SIGCONT. Frozen 7–14 s: past the 6 s session, and on either side of
+    /// the 10 s transaction timeout (below it the broker still holds its open transaction).
+    pub fn zombie(&mut self, rng: &mut Pcg64Mcg, faults: &mut Faults, step: usize) -> Result<()> {
+        let members: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].state.is_some())
+            .collect();
+        let &i = members.choose(rng).context("the fleet has group members")?;
+        if self.slots[i].second.is_none() {
+            let slot = &self.slots[i];
+            let Some(state) = &slot.state else {
+                return Ok(());
+            };
+            let svc = spawn(
+                &self.bin,
+                &(slot.args)(&state.with_extension("second")),
+                &self.env,
+                &self.logs,
+            )?;
+            self.slots[i].second = Some((svc, step));
+            faults.rebalances += 1;
+        }
+        let slot = &self.slots[i];
+        let frozen = Duration::from_millis(rng.random_range(7_000..14_000));
+        eprintln!("chaos: zombie {} frozen for {frozen:?}", slot.name);
+        let pid = slot.svc.pid().context("the member is running")?;
+        signal::send(pid, Signal::Stop)?;
+        std::thread::sleep(frozen);
+        signal::send(pid, Signal::Cont)?;
+        faults.zombies += 1;
         Ok(())
     }
 
@@ -298,6 +361,11 @@ impl Fleet {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+fn spawn(bin: &Path, args: &[String], env: &[(&str, String)], logs: &Path) -> Result<Service> {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Service::spawn(bin, args, &env, logs)
 }
 
 fn strings(a: &[&str]) -> Vec<String> {

@@ -56,7 +56,7 @@ impl Verdict {
         let f = &self.faults;
         format!(
             "chaos: {} seed={} kills={} restarts={} state_wipes={} rebalances={} broker_kills={} \
-             accepted={} in={} unique={} duplicates={} dlq={} antijoin={}/{} \
+             zombies={} accepted={} in={} unique={} duplicates={} dlq={} antijoin={}/{} \
              notifications={}/{} lag={}",
             if self.passed() { "PASS" } else { "FAIL" },
             self.seed,
@@ -65,6 +65,7 @@ impl Verdict {
             f.state_wipes,
             f.rebalances,
             f.broker_kills,
+            f.zombies,
             self.accepted,
             self.raw,
             self.unique,

@@ -20,6 +20,9 @@ use crate::replay;
 use crate::store::{Changes, PartitionMeta, PartitionStore};
 use crate::topic_partition::TopicPartition;
 
+/// Longest wait for the commit marker of a changelog group whose offsets are committed.
+const MARKER_WAIT: Duration = Duration::from_secs(30);
+
 impl<F: OperatorFactory> Engine<F> {
     fn store_path(&self, tp: &TopicPartition) -> PathBuf {
         paths::partition_store(&self.state_dir, &self.group, &tp.topic, tp.partition)
@@ -78,28 +81,66 @@ impl<F: OperatorFactory> Engine<F> {
         Ok(end)
     }
 
+    /// The changelog's end and its last complete group's meta, once that group reaches
+    /// `committed` (the input offset Kafka committed for the partition, under `exactly-once`).
+    /// Every transaction carrying a partition's offsets also carries a changelog group that
+    /// ends at them, but the broker writes the commit markers partition by partition: the
+    /// group's offsets can be stable before the changelog's marker lands, and a store restored
+    /// in between would lack the last transaction's changes while its input is skipped.
+    fn changelog_head(
+        &self,
+        tp: &TopicPartition,
+        cl_topic: &str,
+        hint: i64,
+        committed: Option<i64>,
+    ) -> Result<(i64, Option<PartitionMeta>)> {
+        let deadline = Instant::now() + MARKER_WAIT;
+        loop {
+            let end = self.changelog_end(tp, cl_topic)?;
+            let head = changelog::head_meta(&self.reader, cl_topic, tp.partition, hint, end)?;
+            let reached = head.as_ref().map_or(-1, |h| h.next_offset);
+            let Some(c) = committed.filter(|c| *c > reached) else {
+                return Ok((end, head));
+            };
+            if Instant::now() >= deadline {
+                // Not a marker in flight: the group's offset was moved forward outside sieve.
+                tracing::warn!(
+                    topic = tp.topic,
+                    partition = tp.partition,
+                    committed = c,
+                    changelog_at = reached,
+                    "the group's committed offset is ahead of the changelog: starting from it"
+                );
+                return Ok((end, head));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn open_partition(&mut self, tp: &TopicPartition) -> Result<Partition<F::Op>> {
         let started = Instant::now();
         let path = self.store_path(tp);
         let cl_topic = changelog::topic_name(&self.group, &tp.topic);
         let mut store = PartitionStore::open(&path)?;
         let local = store.meta()?;
-        let cl_end = self.changelog_end(tp, &cl_topic)?;
+        let committed = self.replay.committed(tp)?;
+        // Under `exactly-once` the group's offset is the truth the transactions committed;
+        // the other modes commit it after the store, so it lags, and the store leads.
+        let txn_offset = committed
+            .as_ref()
+            .filter(|c| self.txn.is_some() && replay::id_in(&c.metadata).is_none())
+            .map(|c| c.offset);
+        let hint = local.as_ref().map_or(0, |l| l.changelog_pos);
+        let (cl_end, head) = match (&local, txn_offset) {
+            (None, None) => (self.changelog_end(tp, &cl_topic)?, None),
+            _ => self.changelog_head(tp, &cl_topic, hint, txn_offset)?,
+        };
         // The local store is a cache: rebuild it when it is missing, when another instance
         // committed the partition since, or when it is ahead of the changelog (a crash between
         // its commit and the changelog write).
         let rebuild = match &local {
             None => cl_end > 0,
-            Some(l) => {
-                let head = changelog::head_meta(
-                    &self.reader,
-                    &cl_topic,
-                    tp.partition,
-                    l.changelog_pos,
-                    cl_end,
-                )?;
-                !l.is_current(head.as_ref())
-            }
+            Some(l) => !l.is_current(head.as_ref()),
         };
         if rebuild {
             drop(store);
@@ -127,13 +168,18 @@ impl<F: OperatorFactory> Engine<F> {
             ..Default::default()
         });
         meta.changelog_pos = meta.changelog_pos.max(cl_end);
+        if let Some(c) = txn_offset.filter(|c| *c > meta.next_offset) {
+            meta.next_offset = c;
+        }
         let io = replay::Io {
             reader: &self.reader,
             producer: &self.plain,
             group: &self.group,
             tp,
         };
-        let (store, replayed) = self.replay.honour(&self.factory, &io, store, &mut meta)?;
+        let (store, replayed) =
+            self.replay
+                .honour(&self.factory, &io, store, &mut meta, committed.as_ref())?;
         let op = match replayed {
             Some(op) => op,
             None => self.factory.open(&tp.topic, tp.partition, &store)?,

@@ -91,19 +91,6 @@ fn records_between(
     if to - from > COUNTED_UP_TO || to <= from {
         return Ok((to - from).max(0));
     }
-    let mut n = 0;
-    sieve_core::read::read_range(
-        reader,
-        topic,
-        partition,
-        from,
-        to,
-        Duration::from_secs(30),
-        |_| {
-            n += 1;
-            Ok(())
-        },
-    )
-    .with_context(|| format!("reading {topic}/{partition}"))?;
-    Ok(n)
+    sieve_core::read::count_range(reader, topic, partition, from, to, Duration::from_secs(30))
+        .with_context(|| format!("reading {topic}/{partition}"))
 }
