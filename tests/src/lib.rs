@@ -554,6 +554,11 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        // For a post-mortem with Kafka's own tools (kafka.tools.DumpLogSegments).
+        if std::env::var_os("SIEVE_KEEP_BROKER_DATA").is_some() && self.external.is_none() {
+            self.dir.disable_cleanup(true);
+            eprintln!("harness: broker data kept in {}", self.dir.path().display());
+        }
     }
 }
 

@@ -574,6 +574,10 @@ fn bad_configuration_fails_fast_with_one_clear_line() -> Result<()> {
     Ok(())
 }
 
+/// The broker aborts a frozen or dead instance's transaction after 10 s (60 s by default):
+/// the fencing tests wait for that expiry.
+const EXPIRE_SOON: &str = "transaction.timeout.ms=10000";
+
 /// What a reader of the counter's output found: records, `(key, count)` pairs seen more than
 /// once, and pairs of the clean run's answer never seen.
 #[derive(Debug)]
@@ -611,7 +615,14 @@ fn audit(out: &[OwnedMessage], per_key: &BTreeMap<String, u64>) -> Result<Audit>
 fn zombie(guarantee: &str, failpoint: &str) -> Result<(Audit, String)> {
     let s = Setup::new(4)?;
     let keys = 200;
-    let extra = ["--guarantee", guarantee, "--batch-records", "1000"];
+    let extra = [
+        "--guarantee",
+        guarantee,
+        "--batch-records",
+        "1000",
+        "-X",
+        EXPIRE_SOON,
+    ];
     s.produce(0, 20_000, keys)?;
     let mut a = s.spawn_with(
         "counter",
@@ -701,7 +712,14 @@ fn a_batch_killed_before_its_commit_is_invisible_and_redone_exactly() -> Result<
     let keys = 100;
     s.produce(0, 10_000, keys)?;
     let state = s.state_dir("a");
-    let extra = ["--guarantee", "exactly-once", "--batch-records", "1000"];
+    let extra = [
+        "--guarantee",
+        "exactly-once",
+        "--batch-records",
+        "1000",
+        "-X",
+        EXPIRE_SOON,
+    ];
     let mut a = s.spawn_with(
         "counter",
         &state,

@@ -26,6 +26,8 @@ fn config(duration: Duration, kills: u32) -> Result<Config> {
     cfg.rate = 100;
     cfg.followers = 300;
     cfg.drain_timeout = Duration::from_secs(240);
+    // Logs and state are kept there (a temporary directory otherwise).
+    cfg.work_dir = std::env::var_os("SIEVE_CHAOS_WORK_DIR").map(PathBuf::from);
     Ok(cfg)
 }
 

@@ -235,7 +235,15 @@ fn a_zombie_instance_is_fenced_and_each_event_is_decided_once() -> Result<()> {
     let txn = ["--guarantee", "exactly-once"];
     let mut a = s.spawn_instance(
         "a",
-        &["--guarantee", "exactly-once", "--batch-records", "2000"],
+        &[
+            "--guarantee",
+            "exactly-once",
+            "--batch-records",
+            "2000",
+            // The broker aborts the frozen transaction after 10 s (60 s by default).
+            "-X",
+            "transaction.timeout.ms=10000",
+        ],
         &[("SIEVE_FAILPOINT", "before_commit@3:stop")],
     )?;
     wait_for("A frozen mid-batch", Duration::from_secs(120), || {

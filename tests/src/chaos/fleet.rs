@@ -122,11 +122,15 @@ impl Fleet {
                 }) as ArgsFor,
             ));
         }
-        let env: Vec<(&'static str, String)> = cfg
+        let mut env: Vec<(&'static str, String)> = cfg
             .guarantee
             .iter()
             .map(|g| ("SIEVE_GUARANTEE", g.clone()))
             .collect();
+        // The services' log filter, to trace one run (docs/chaos.md).
+        if let Ok(filter) = std::env::var("SIEVE_CHAOS_RUST_LOG") {
+            env.push(("RUST_LOG", filter));
+        }
         let mut slots = Vec::new();
         for (name, args) in specs {
             let state = (name != "ingest").then(|| dir.join("state").join(name));

@@ -138,6 +138,7 @@ impl<F: OperatorFactory> Engine<F> {
             })?;
         failpoint::hit("before_commit");
         self.commit_transaction(&offsets)?;
+        tracing::debug!(offsets = ?offsets_of(&offsets), "transaction committed");
         // Flushed and committed: every delivery future is resolved.
         let mut out_counts: HashMap<String, u64> = HashMap::new();
         for ((_, out_topic), r) in queued.into_iter().map(|(dest, fut)| (dest, block_on(fut))) {
@@ -229,4 +230,12 @@ impl<F: OperatorFactory> Engine<F> {
         }
         Ok(commits)
     }
+}
+
+/// `topic/partition@offset` of each element, for the log.
+fn offsets_of(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}@{:?}", e.topic(), e.partition(), e.offset().to_raw()))
+        .collect()
 }

@@ -189,6 +189,7 @@ impl<F: OperatorFactory> Engine<F> {
             topic = tp.topic,
             partition = tp.partition,
             next_offset = meta.next_offset,
+            committed = committed.as_ref().map_or(-1, |c| c.offset),
             clean = meta.clean,
             rebuilt = rebuild,
             "partition opened"
