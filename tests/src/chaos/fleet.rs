@@ -274,8 +274,9 @@ impl Fleet {
 
     /// A zombie: a random group member (started alongside a second instance when it has
     /// none) frozen with SIGSTOP past its session, so the second instance takes its
-    /// partitions; then SIGCONT. Frozen 7–14 s: past the 6 s session, and on either side of
-    /// the 10 s transaction timeout (below it the broker still holds its open transaction).
+    /// partitions; then SIGCONT. Frozen 7–14 s: past the 6 s session and within the 60 s
+    /// transaction timeout, so the broker still holds the zombie's open transaction when it
+    /// resumes, and the zombie's own commit must be refused.
     pub fn zombie(&mut self, rng: &mut Pcg64Mcg, faults: &mut Faults, step: usize) -> Result<()> {
         let members: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].state.is_some())
