@@ -48,6 +48,9 @@ impl Transactions {
     /// left open). `Ok(None)` when the broker does not offer transactions.
     pub(crate) fn start(clients: &Clients, id: &str) -> Result<Option<Self>> {
         let producer = clients.transactional_producer(id)?;
+        // Said before the call: it waits for the coordinator and for any transaction an
+        // earlier producer of this id left open.
+        tracing::info!(transactional_id = id, "initialising transactions");
         match producer.init_transactions(TIMEOUT) {
             Ok(()) => {}
             Err(e) if unsupported(&e) => {
