@@ -681,7 +681,7 @@ fn a_zombie_instance_is_fenced_and_every_count_appears_once() -> Result<()> {
 #[test]
 #[ignore = "a measurement of the mode's known hole, recorded in docs/exactly-once.md"]
 fn measure_a_zombie_without_transactions() -> Result<()> {
-    let (audit, _) = zombie("exactly-once-ids", "after_outputs_acked")?;
+    let (audit, _) = zombie("exactly-once-ids", "after_produce")?;
     println!("exactly-once-ids under a zombie: {audit:?}");
     Ok(())
 }
