@@ -11,6 +11,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::{CoreError, Result};
+use crate::topic_partition::TopicPartition;
 
 /// Reads `[from, to)` of one partition, calling `f` for each record in order.
 /// Gives up when no record arrives for `idle_timeout` (a stuck broker), never silently.
@@ -26,6 +27,15 @@ pub fn read_range(
     read_range_while(reader, topic, partition, from, to, idle_timeout, |m| {
         f(m).map(|()| ControlFlow::Continue(()))
     })
+}
+
+/// Low and high watermark of `tp` (the high one as a `read_committed` reader sees it),
+/// waiting out a broker that is away (`kafka::retry_transient`).
+pub fn watermarks(reader: &BaseConsumer, tp: &TopicPartition) -> Result<(i64, i64)> {
+    crate::kafka::retry_transient(&format!("watermarks of {tp}"), || {
+        reader.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))
+    })
+    .map_err(|e| CoreError::kafka(format!("watermarks of {tp}"), e))
 }
 
 /// The records a `read_committed` reader reads in `[from, to)`: fewer than `to - from` on a

@@ -48,8 +48,9 @@ const CHUNK: usize = 10_000;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE: Duration = Duration::from_secs(30);
-/// Longest wait for a stable committed offset: an undecided transaction of a crashed or
-/// frozen instance is aborted by the broker after `transaction.timeout.ms` (10 s).
+/// Longest wait for a stable committed offset in one request (a broker that is away is
+/// waited out on top): an undecided transaction of a crashed or frozen instance is aborted
+/// by the broker after `transaction.timeout.ms` (60 s by default).
 const STABLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The commit metadata of replay `id`.
@@ -106,11 +107,7 @@ impl Replay {
         let Some(req) = committed.and_then(|c| c.replay_request(&meta.replays)) else {
             return Ok((store, None));
         };
-        let (low, high) = crate::kafka::retry_transient("replay watermarks", || {
-            io.reader
-                .fetch_watermarks(&io.tp.topic, io.tp.partition, TIMEOUT)
-        })
-        .map_err(|e| CoreError::kafka(format!("watermarks of {}", io.tp), e))?;
+        let (low, high) = read::watermarks(io.reader, io.tp)?;
         // Retention may have moved the start since the request was made.
         let start = req.offset.clamp(low, high);
         tracing::info!(

@@ -159,10 +159,7 @@ impl SideReader {
 
 /// Applies one side partition from the table's position to the partition's current end.
 fn catch_up(reader: &BaseConsumer, table: &mut dyn SideTable, tp: &TopicPartition) -> Result<u64> {
-    let (low, high) = crate::kafka::retry_transient("side watermarks", || {
-        reader.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))
-    })
-    .map_err(|e| CoreError::kafka(format!("watermarks of {tp}"), e))?;
+    let (low, high) = crate::read::watermarks(reader, tp)?;
     let from = table.positions().get(tp).copied().unwrap_or(low).max(low);
     let mut applied = 0u64;
     replay(reader, tp, from, high, |chunk| {

@@ -5,17 +5,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use rdkafka::TopicPartitionList;
 
 use super::{add_commit, Engine, Partition};
 use crate::changelog;
-use crate::error::{CoreError, Result};
+use crate::error::Result;
 use crate::failpoint;
-use crate::kafka::retry_transient;
 use crate::metrics;
 use crate::operator::{self, OperatorFactory};
 use crate::paths;
+use crate::read;
 use crate::replay;
 use crate::store::{Changes, PartitionMeta, PartitionStore};
 use crate::topic_partition::TopicPartition;
@@ -73,11 +72,8 @@ impl<F: OperatorFactory> Engine<F> {
 
     /// The end of `tp`'s changelog as a `read_committed` reader sees it.
     fn changelog_end(&self, tp: &TopicPartition, cl_topic: &str) -> Result<i64> {
-        let (_, end) = retry_transient("changelog watermarks", || {
-            self.reader
-                .fetch_watermarks(cl_topic, tp.partition, Duration::from_secs(10))
-        })
-        .map_err(|e| CoreError::kafka(format!("watermarks of {cl_topic}/{}", tp.partition), e))?;
+        let (_, end) =
+            read::watermarks(&self.reader, &TopicPartition::new(cl_topic, tp.partition))?;
         Ok(end)
     }
 

@@ -5,13 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 
 use super::Engine;
 use crate::commit::{commit_logged, settle_changelog};
-use crate::error::{CoreError, Result};
-use crate::kafka::retry_transient;
+use crate::error::Result;
 use crate::metrics;
 use crate::operator::OperatorFactory;
 use crate::read;
@@ -29,12 +27,7 @@ impl<F: OperatorFactory> Engine<F> {
         // Low and high watermark of every output partition.
         let mut ends: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
         for out in &self.output_tps {
-            let marks = retry_transient("output watermarks", || {
-                self.reader
-                    .fetch_watermarks(&out.topic, out.partition, Duration::from_secs(10))
-            })
-            .map_err(|e| CoreError::kafka(format!("watermarks of {out}"), e))?;
-            ends.insert(out.clone(), marks);
+            ends.insert(out.clone(), read::watermarks(&self.reader, out)?);
         }
         let dirty: Vec<&TopicPartition> = opened
             .iter()
