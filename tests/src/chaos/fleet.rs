@@ -241,10 +241,13 @@ impl Fleet {
         let Some(&i) = candidates.choose(rng) else {
             return Ok(());
         };
+        self.start_second(i, faults, step)
+    }
+
+    /// Starts a second instance of slot `i`, a group member, with its own state directory.
+    fn start_second(&mut self, i: usize, faults: &mut Faults, step: usize) -> Result<()> {
         let slot = &mut self.slots[i];
-        let Some(state) = &slot.state else {
-            return Ok(());
-        };
+        let state = slot.state.as_ref().context("a service without a group")?;
         let dir = state.with_extension("second");
         let svc = spawn(&self.bin, &(slot.args)(&dir), &self.env, &self.logs)?;
         eprintln!("chaos: second instance of {}", slot.name);
@@ -283,18 +286,7 @@ impl Fleet {
             .collect();
         let &i = members.choose(rng).context("the fleet has group members")?;
         if self.slots[i].second.is_none() {
-            let slot = &self.slots[i];
-            let Some(state) = &slot.state else {
-                return Ok(());
-            };
-            let svc = spawn(
-                &self.bin,
-                &(slot.args)(&state.with_extension("second")),
-                &self.env,
-                &self.logs,
-            )?;
-            self.slots[i].second = Some((svc, step));
-            faults.rebalances += 1;
+            self.start_second(i, faults, step)?;
         }
         let slot = &self.slots[i];
         let frozen = Duration::from_millis(rng.random_range(7_000..14_000));
